@@ -1,0 +1,56 @@
+"""What the decoders read from: anything with ``read_exact(n)``.
+
+A channel (socket, pipe, file) provides it in `multifd.channels`; `BufferSource`
+provides it over bytes already in memory, for tests and recordings.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+
+@runtime_checkable
+class ByteSource(Protocol):
+    """A stream the decoders pull from.
+
+    `read_exact` returns exactly `n` bytes or raises `EOFError` when the stream
+    ends first. `read_to_eof` returns everything up to the end of the stream,
+    raising `EOFError`-free; it refuses (raises `ValueError`) past `limit` bytes.
+    Only the main stream's opaque device state needs `read_to_eof`.
+    """
+
+    def read_exact(self, n: int) -> bytes: ...
+
+    def read_to_eof(self, limit: int) -> bytes: ...
+
+
+class BufferSource:
+    """A `ByteSource` over bytes in memory."""
+
+    def __init__(self, data: bytes | bytearray | memoryview) -> None:
+        self._data = memoryview(data).cast("B")
+        self._pos = 0
+
+    @property
+    def position(self) -> int:
+        return self._pos
+
+    @property
+    def remaining(self) -> int:
+        return len(self._data) - self._pos
+
+    def read_exact(self, n: int) -> bytes:
+        if n > self.remaining:
+            have = self.remaining
+            self._pos = len(self._data)
+            raise EOFError(f"stream ended {n - have} bytes short of {n}")
+        chunk = bytes(self._data[self._pos : self._pos + n])
+        self._pos += n
+        return chunk
+
+    def read_to_eof(self, limit: int) -> bytes:
+        if self.remaining > limit:
+            raise ValueError(f"{self.remaining} bytes remain, more than the limit of {limit}")
+        chunk = bytes(self._data[self._pos :])
+        self._pos = len(self._data)
+        return chunk
