@@ -1,0 +1,484 @@
+"""Replays a recorded migration the way a destination would, without threads.
+
+The main stream is decoded record by record; at every sync point (EOS in 7.2's
+section mode, MULTIFD_FLUSH in round mode) each multifd channel is read up to
+its next SYNC packet, and the packets of that segment are applied in
+`packet_num` order, the order the source handed them out. Counting and
+optional RAM images come out of the same pass.
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+import mmap
+import os
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from urllib.parse import quote
+
+import numpy as np
+
+from ..migration.compression import Decompressor, make_decompressor
+from ..wire import (
+    TARGET_PAGE_SIZE,
+    BufferSource,
+    CompressedPage,
+    Compression,
+    Configuration,
+    DeviceState,
+    EndOfSection,
+    MainStreamDecoder,
+    MemSize,
+    MultifdFlush,
+    PacketLayout,
+    Page,
+    Reader,
+    VMCommand,
+    VMDescription,
+    WireError,
+    XbzrlePage,
+    ZeroPage,
+    read_init,
+    read_packet,
+)
+from ..wire.devices import expected_devices
+from ..wire.multifd import COMPRESSION_MASK, PAGES_PER_PACKET
+from ..wire.xbzrle import apply_xbzrle
+from .recording import Recording
+
+_COMPRESSION_BY_FLAG = {c.flag: c for c in Compression}
+
+
+@dataclass
+class ChannelStats:
+    """One multifd channel, by the id its init packet names."""
+
+    accept_order: int  # 1 for the first multifd connection accepted
+    id: int | None = None
+    packets: int = 0
+    sync_packets: int = 0
+    pages: int = 0  # normal pages carried
+    zero_pages: int = 0  # zero pages inside packets (9.0 layout)
+    bytes: int = 0
+    compression: str | None = None  # seen in the first packet carrying pages
+    error: str | None = None
+
+
+@dataclass
+class RoundStats:
+    """One section of the `ram` stream: from one EOS to the next."""
+
+    index: int
+    zero_pages: int = 0  # ZERO records on main, and zero pages inside packets
+    normal_pages: int = 0  # pages with data, on main and on every channel
+    repeated_pages: int = 0
+    multifd_packets: int = 0
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    ok: bool
+    detail: str
+
+
+@dataclass
+class Analysis:
+    """Everything `multifd analyze` reports about one recording."""
+
+    path: str
+    machine_type: str | None = None
+    capabilities: tuple[str, ...] = ()
+    uuid: str | None = None
+    blocks: list[tuple[str, int]] = field(default_factory=list)
+    sync_mode: str | None = None  # "section" (sync per EOS, 7.2) or "round" (FLUSH, 8.1+)
+    rounds: list[RoundStats] = field(default_factory=list)
+    channels: list[ChannelStats] = field(default_factory=list)
+    device_sections: list[str] = field(default_factory=list)
+    commands: list[str] = field(default_factory=list)
+    vmdesc_devices: list[str] | None = None
+    main_bytes: int = 0
+    completed: bool = False  # the main stream reached QEMU_VM_EOF
+    errors: list[str] = field(default_factory=list)
+    checks: list[Check] = field(default_factory=list)
+
+    @property
+    def normal(self) -> int:
+        return sum(r.normal_pages for r in self.rounds)
+
+    @property
+    def duplicate(self) -> int:
+        return sum(r.zero_pages for r in self.rounds)
+
+    @property
+    def repeated(self) -> int:
+        return sum(r.repeated_pages for r in self.rounds)
+
+    @property
+    def total(self) -> int:
+        return sum(length for _, length in self.blocks)
+
+    def to_json(self) -> dict:
+        return {
+            "path": self.path,
+            "machine_type": self.machine_type,
+            "capabilities": list(self.capabilities),
+            "uuid": self.uuid,
+            "multifd_channels": len(self.channels),
+            "sync_mode": self.sync_mode,
+            "rounds": len(self.rounds),
+            "ram": {
+                "normal": self.normal,
+                "duplicate": self.duplicate,
+                "total": self.total,
+                "normal-bytes": self.normal * TARGET_PAGE_SIZE,
+                "repeated": self.repeated,
+            },
+            "per_round": [asdict(r) for r in self.rounds],
+            "blocks": [{"name": n, "used_length": length} for n, length in self.blocks],
+            "channels": [asdict(c) for c in self.channels],
+            "main_bytes": self.main_bytes,
+            "device_sections": self.device_sections,
+            "commands": self.commands,
+            "completed": self.completed,
+            "checks": [asdict(c) for c in self.checks],
+            "errors": self.errors,
+        }
+
+
+@dataclass(frozen=True)
+class _Delivery:
+    """The pages of one packet, ready to apply."""
+
+    packet_num: int
+    block: str
+    offsets: np.ndarray
+    pages: np.ndarray | None  # (n, 4096) uint8, None when the packet has no data
+    zero_offsets: np.ndarray
+
+
+class _ChannelReplay:
+    """Reads one multifd channel's packets, a segment at a time."""
+
+    def __init__(self, accept_order: int, data: bytes, layout: PacketLayout) -> None:
+        self.stats = ChannelStats(accept_order)
+        self.source = BufferSource(data)
+        self.reader = Reader(self.source)
+        self.layout = layout
+        self.decompressor: Decompressor | None = None
+        self.compression: Compression | None = None
+        self.dead = False
+        self.stats.bytes = len(data)
+        try:
+            init = read_init(self.reader)
+        except WireError as exc:
+            self.fail(f"connection {accept_order}: {exc}")
+            return
+        self.stats.id = init.channel_id
+        self.reader.set_context(channel=init.channel_id)
+
+    def fail(self, message: str) -> None:
+        self.stats.error = message
+        self.dead = True
+
+    def segment(self, blocks: dict[str, int], label: str) -> Iterator[_Delivery]:
+        """Every packet up to and including the next SYNC packet."""
+        while not self.dead:
+            if self.source.remaining == 0:
+                self.fail(f"channel {self.stats.id}: stream ended before the SYNC of {label}")
+                return
+            try:
+                delivery, sync = self._next(blocks)
+            except WireError as exc:
+                self.fail(str(exc))
+                return
+            if delivery is not None:
+                yield delivery
+            if sync:
+                return
+
+    def drain(self) -> tuple[int, int]:
+        """After EOF: (SYNC-only packets, pages) left on the channel."""
+        syncs = pages = 0
+        while not self.dead and self.source.remaining:
+            try:
+                delivery, sync = self._next({})
+            except WireError as exc:
+                self.fail(str(exc))
+                break
+            syncs += sync
+            if delivery is not None:
+                pages += len(delivery.offsets) + len(delivery.zero_offsets)
+        return syncs, pages
+
+    def _next(self, blocks: dict[str, int]) -> tuple[_Delivery | None, bool]:
+        self.reader.set_context(packet=self.stats.packets)
+        packet = read_packet(self.reader, layout=self.layout)
+        self.stats.packets += 1
+        self.stats.sync_packets += packet.is_sync
+        if packet.page_count == 0:
+            return None, packet.is_sync
+        where = self.reader.where
+        if self.compression is None:
+            bits = packet.flags & COMPRESSION_MASK
+            if bits not in _COMPRESSION_BY_FLAG:
+                raise WireError.bad_field("compression flags", bits, "none, zlib or zstd", where)
+            self.compression = _COMPRESSION_BY_FLAG[bits]
+            self.stats.compression = self.compression.value
+            self.decompressor = make_decompressor(self.compression)
+        block, offsets = packet.check_pages(blocks, self.compression, where)
+        normal = packet.normal_pages
+        payload = self.reader.take(packet.payload_length(self.compression), "packet payload")
+        if self.decompressor is not None:
+            payload = self.decompressor.decompress(payload, normal * TARGET_PAGE_SIZE, where)
+        pages = np.frombuffer(payload, dtype=np.uint8).reshape(normal, TARGET_PAGE_SIZE)
+        self.stats.pages += normal
+        self.stats.zero_pages += packet.zero_pages
+        return (
+            _Delivery(packet.packet_num, block, offsets[:normal], pages, offsets[normal:]),
+            packet.is_sync,
+        )
+
+
+class _Images:
+    """RAM blocks rebuilt as sparse files, written through shared mappings."""
+
+    def __init__(self, folder: Path, blocks: list[tuple[str, int]]) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        self.maps: dict[str, mmap.mmap] = {}
+        self.arrays: dict[str, np.ndarray] = {}
+        self.files: dict[str, str] = {}
+        for name, length in blocks:
+            path = folder / block_file_name(name)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+            try:
+                os.ftruncate(fd, length)
+                self.maps[name] = mmap.mmap(fd, length)
+            finally:
+                os.close(fd)
+            self.arrays[name] = np.frombuffer(self.maps[name], dtype=np.uint8)
+            self.files[name] = path.name
+        (folder / "blocks.json").write_text(
+            json.dumps(
+                [{"name": n, "used_length": length, "file": self.files[n]} for n, length in blocks],
+                indent=1,
+            )
+        )
+
+    def write(self, block: str, offsets: np.ndarray, pages: np.ndarray) -> None:
+        image = self.arrays[block]
+        if len(offsets) and not np.any(offsets % TARGET_PAGE_SIZE):
+            rows = image.reshape(-1, TARGET_PAGE_SIZE)
+            rows[(offsets // TARGET_PAGE_SIZE).astype(np.intp)] = pages
+            return
+        for offset, page in zip(offsets.tolist(), pages, strict=True):
+            image[offset : offset + TARGET_PAGE_SIZE] = page
+
+    def fill(self, block: str, offset: int, value: int) -> None:
+        self.arrays[block][offset : offset + TARGET_PAGE_SIZE] = value
+
+    def page(self, block: str, offset: int) -> memoryview:
+        return memoryview(self.maps[block])[offset : offset + TARGET_PAGE_SIZE]
+
+    def close(self) -> None:
+        self.arrays.clear()
+        for m in self.maps.values():
+            m.flush()
+            m.close()
+        self.maps.clear()
+
+
+def block_file_name(name: str) -> str:
+    """A file name for a RAMBlock idstr ("/rom@etc/acpi/tables" has slashes)."""
+    return quote(name, safe="@.-_")
+
+
+class _Replay:
+    def __init__(self, recording: Recording, extract: Path | None, layout: PacketLayout) -> None:
+        self.result = Analysis(str(recording.path), main_bytes=len(recording.main))
+        self.recording = recording
+        self.extract = extract
+        self.images: _Images | None = None
+        self.blocks: dict[str, int] = {}
+        self.channels = [
+            _ChannelReplay(i + 1, data, layout) for i, data in enumerate(recording.channels)
+        ]
+        self.round = RoundStats(0)
+        self.round_mode: bool | None = None
+
+    def run(self) -> Analysis:
+        try:
+            self._main()
+        except WireError as exc:
+            self.result.errors.append(str(exc))
+        finally:
+            if self.images is not None:
+                self.images.close()
+        self._finish()
+        return self.result
+
+    def _main(self) -> None:
+        decoder = MainStreamDecoder(BufferSource(self.recording.main))
+        result = self.result
+        for record in decoder:
+            if isinstance(record, ZeroPage):
+                self.round.zero_pages += 1
+                if self.images is not None:
+                    self.images.fill(record.block, record.offset, record.fill)
+            elif isinstance(record, Page | CompressedPage):
+                self.round.normal_pages += 1
+                if self.images is not None:
+                    data = record.data if isinstance(record, Page) else record.decompress()
+                    page = np.frombuffer(data, dtype=np.uint8).reshape(1, TARGET_PAGE_SIZE)
+                    self.images.write(record.block, np.array([record.offset]), page)
+            elif isinstance(record, XbzrlePage):
+                self.round.normal_pages += 1
+                if self.images is not None:
+                    apply_xbzrle(record.encoded, self.images.page(record.block, record.offset))
+            elif isinstance(record, EndOfSection):
+                if self.round_mode is None:
+                    self.round_mode = False
+                if not self.round_mode:
+                    self._sync(f"round {self.round.index}")
+                result.rounds.append(self.round)
+                self.round = RoundStats(len(result.rounds))
+            elif isinstance(record, MultifdFlush):
+                if self.round_mode is None:
+                    self.round_mode = True
+                if not self.round_mode:
+                    raise WireError("MULTIFD_FLUSH in a stream that syncs at every EOS")
+                self._sync(f"the flush in round {self.round.index}")
+            elif isinstance(record, MemSize):
+                self.blocks = {b.name: b.used_length for b in record.blocks}
+                result.blocks = [(b.name, b.used_length) for b in record.blocks]
+                if self.extract is not None and self.images is None:
+                    self.images = _Images(self.extract, result.blocks)
+            elif isinstance(record, Configuration):
+                result.machine_type = record.machine_type
+                result.capabilities = record.capabilities
+                if record.uuid is not None:
+                    result.uuid = record.uuid.hex()
+            elif isinstance(record, DeviceState):
+                result.device_sections.append(record.header.idstr)
+            elif isinstance(record, VMCommand):
+                result.commands.append(record.command.name)
+            elif isinstance(record, VMDescription):
+                devices = expected_devices(record)
+                result.vmdesc_devices = None if devices is None else [n for n, _ in devices]
+        result.completed = decoder.state.name == "DONE"
+
+    def _sync(self, label: str) -> None:
+        """Read every channel up to its SYNC and apply the segment in send order."""
+        if not self.channels:
+            return
+        streams = [c.segment(self.blocks, label) for c in self.channels if not c.dead]
+        # 7.2 repeats the last page of a full packet at the head of the next one;
+        # QEMU counts it once, so do we.
+        tails: dict[tuple[str, int], bytes] = {}
+        for delivery in heapq.merge(*streams, key=lambda d: d.packet_num):
+            self.round.multifd_packets += 1
+            self.round.zero_pages += len(delivery.zero_offsets)
+            count = len(delivery.offsets)
+            if count:
+                head = (delivery.block, int(delivery.offsets[0]))
+                if tails.get(head) == delivery.pages[0].tobytes():
+                    self.round.repeated_pages += 1
+                    count -= 1
+                if len(delivery.offsets) == PAGES_PER_PACKET:
+                    tail = (delivery.block, int(delivery.offsets[-1]))
+                    tails[tail] = delivery.pages[-1].tobytes()
+            self.round.normal_pages += count
+            if self.images is not None:
+                self.images.write(delivery.block, delivery.offsets, delivery.pages)
+                for offset in delivery.zero_offsets.tolist():
+                    self.images.fill(delivery.block, offset, 0)
+
+    def _finish(self) -> None:
+        result = self.result
+        if self.round.zero_pages or self.round.normal_pages:
+            result.rounds.append(self.round)
+        if self.channels:
+            result.sync_mode = {None: None, False: "section", True: "round"}[self.round_mode]
+        leftovers: list[str] = []
+        for channel in self.channels:
+            syncs, pages = channel.drain()
+            if pages:
+                leftovers.append(
+                    f"channel {channel.stats.id}: {pages} pages after the last sync point"
+                )
+            elif syncs > 1:
+                leftovers.append(f"channel {channel.stats.id}: {syncs} SYNC packets after EOF")
+        result.channels = sorted(
+            (c.stats for c in self.channels),
+            key=lambda s: (s.id is None, s.id if s.id is not None else s.accept_order),
+        )
+        for stats in result.channels:
+            if stats.error:
+                result.errors.append(stats.error)
+        result.errors.extend(leftovers)
+        self._checks(leftovers)
+
+    def _checks(self, leftovers: list[str]) -> None:
+        result = self.result
+        checks = result.checks
+        checks.append(
+            Check(
+                "main stream",
+                result.completed,
+                "decoded through QEMU_VM_EOF" if result.completed else "did not reach QEMU_VM_EOF",
+            )
+        )
+        if self.channels:
+            ids = sorted(c.stats.id for c in self.channels if c.stats.id is not None)
+            checks.append(
+                Check(
+                    "channel ids",
+                    ids == list(range(len(self.channels))),
+                    f"ids {ids} for {len(self.channels)} channels",
+                )
+            )
+            points = len(result.rounds) if result.sync_mode == "section" else None
+            healthy = all(c.stats.error is None for c in self.channels) and not leftovers
+            detail = "every sync point matched by one SYNC on every channel"
+            if points is not None:
+                counts = {
+                    c.stats.id: c.stats.sync_packets
+                    for c in sorted(self.channels, key=lambda c: c.stats.accept_order)
+                    if c.stats.id is not None
+                }
+                counts = dict(sorted(counts.items()))
+                healthy = healthy and all(n == points for n in counts.values())
+                detail = f"{points} EOS; SYNC packets per channel {counts}"
+            checks.append(Check("sync", healthy, detail))
+        offset_errors = [e for e in result.errors if "offset" in e]
+        checks.append(
+            Check(
+                "offsets",
+                not offset_errors,
+                "every page offset inside its block" if not offset_errors else offset_errors[0],
+            )
+        )
+        if result.vmdesc_devices is not None:
+            same = result.vmdesc_devices == result.device_sections
+            checks.append(
+                Check(
+                    "device state",
+                    same,
+                    f"{len(result.device_sections)} device sections, as the vmdesc lists"
+                    if same
+                    else "device sections differ from the vmdesc device list",
+                )
+            )
+
+
+def analyze(
+    recording: Recording,
+    *,
+    extract: str | Path | None = None,
+    layout: PacketLayout = PacketLayout.V9_0,
+) -> Analysis:
+    """Decode every channel of `recording`; with `extract`, write each RAM block
+    into that folder as a file of its used length (last write wins)."""
+    return _Replay(recording, None if extract is None else Path(extract), layout).run()

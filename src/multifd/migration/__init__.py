@@ -1,0 +1,1 @@
+"""The migration engine: sources, destinations, rounds, channel threads, compression."""
