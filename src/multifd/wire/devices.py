@@ -48,7 +48,9 @@ def expected_devices(vmdesc: VMDescription | None) -> list[tuple[str, int]] | No
     try:
         devices = json.loads(vmdesc.json)["devices"]
         return [(str(d["name"]), int(d["instance_id"])) for d in devices]
-    except (ValueError, KeyError, TypeError):
+    # The JSON comes off the wire: Infinity as an instance id (OverflowError) or
+    # deep nesting (RecursionError) must mean "no usable list", not a crash.
+    except (ValueError, KeyError, TypeError, OverflowError, RecursionError):
         return None
 
 

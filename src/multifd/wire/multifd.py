@@ -81,16 +81,17 @@ class MultiFDInit:
     @classmethod
     def unpack(cls, data: bytes, where: Where | None = None) -> MultiFDInit:
         where = where or Where()
+        base = where.offset or 0
         if len(data) != INIT_SIZE:
             raise WireError.bad_field("init packet length", len(data), "64 bytes", where)
         magic, version, raw_uuid, channel_id, _, _ = _INIT.unpack(data)
         if magic != MULTIFD_MAGIC:
             raise WireError.bad_field(
-                "multifd init magic", magic, f"{MULTIFD_MAGIC:#x}", where.at(where.offset or 0)
+                "multifd init magic", magic, f"{MULTIFD_MAGIC:#x}", where.at(base)
             )
         if version != MULTIFD_VERSION:
             raise WireError.bad_field(
-                "multifd init version", version, str(MULTIFD_VERSION), where.at(4)
+                "multifd init version", version, str(MULTIFD_VERSION), where.at(base + 4)
             )
         return cls(raw_uuid, channel_id, magic, version)
 
@@ -257,7 +258,9 @@ class MultiFDPacket:
                 value=version,
                 expected=str(MULTIFD_VERSION),
             )
-        known = PacketFlag.SYNC | (
+        # A plain int: `~` on an IntFlag inverts only the defined bits, which
+        # would let bits 0x80 and above through.
+        known = int(PacketFlag.SYNC) | (
             COMPRESSION_MASK_7_2 if layout is PacketLayout.V7_2 else COMPRESSION_MASK
         )
         if flags & PacketFlag.DEVICE_STATE and layout is PacketLayout.V9_0:
@@ -272,7 +275,7 @@ class MultiFDPacket:
             raise WireError.bad_field(
                 "flags",
                 flags,
-                f"only bits {int(known):#x} (SYNC and compression)",
+                f"only bits {known:#x} (SYNC and compression)",
                 where.at(base + 8),
             )
         if alloc > PAGES_PER_PACKET:
