@@ -13,6 +13,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import IntFlag
 
+import numpy as np
+
 from .errors import WireError
 from .profile import TARGET_PAGE_SIZE, WireProfile
 from .reader import Reader, be16, be32, be64, counted_string
@@ -327,6 +329,10 @@ class RamStreamState:
                 )
             blocks.append(RamBlockEntry(name, used_length, page_size, addr))
         self.blocks = {b.name: b.used_length for b in blocks}
+        # A later MEM_SIZE may drop the block a CONTINUE would refer to: forget
+        # it, so CONTINUE gets the "no previous block" error, not a KeyError.
+        if self.last_block not in self.blocks:
+            self.last_block = None
         return MemSize(tuple(blocks))
 
 
@@ -353,3 +359,20 @@ def block_table(entries: Mapping[str, int] | MemSize) -> dict[str, int]:
     if isinstance(entries, MemSize):
         return {b.name: b.used_length for b in entries.blocks}
     return dict(entries)
+
+
+_ZERO_RECORD = np.dtype([("header", ">u8"), ("fill", "u1")])
+
+
+def encode_zero_pages(block: str, offsets: np.ndarray, *, continued: bool) -> bytes:
+    """ZERO records for many pages of one block at once, as `ZeroPage.pack` would
+    write them: the first names the block unless `continued`, the rest CONTINUE."""
+    if not len(offsets):
+        return b""
+    records = np.empty(len(offsets), dtype=_ZERO_RECORD)
+    records["header"] = offsets.astype(np.uint64) | np.uint64(_ZERO | _CONTINUE)
+    records["fill"] = 0
+    if continued:
+        return records.tobytes()
+    first = ZeroPage(block, int(offsets[0]), 0, False).pack()
+    return first + records[1:].tobytes()
