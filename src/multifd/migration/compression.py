@@ -13,9 +13,10 @@ from typing import Protocol
 
 import zstandard
 
-from ..wire import Compression, Where, WireError
+from ..wire import PAGES_PER_PACKET, TARGET_PAGE_SIZE, Compression, Where, WireError
 
 Buffer = bytes | bytearray | memoryview
+MAX_PACKET_BYTES = PAGES_PER_PACKET * TARGET_PAGE_SIZE
 
 
 class Compressor(Protocol):
@@ -85,8 +86,10 @@ class ZstdDecompressor:
         # zstd bomb is stopped once it passes the packet's size (decompressobj
         # would build the whole output first).
         self._sink = _BoundedSink()
+        # The output buffer must hold a whole packet: with a smaller one, output
+        # that fills it exactly when the input runs out stays inside zstd.
         self._stream = zstandard.ZstdDecompressor().stream_writer(
-            self._sink, write_return_read=True
+            self._sink, write_size=2 * MAX_PACKET_BYTES, write_return_read=True
         )
 
     def decompress(self, payload: bytes, expected: int, where: Where) -> bytes:

@@ -1,0 +1,39 @@
+"""The memory layer: RAM blocks and the buffers behind them, dirty bitmaps,
+dirty-page trackers and zero-page detection. No channel I/O happens here.
+"""
+
+from .bitmap import DirtyBitmap, coalesce_runs, runs_to_indices
+from .block import MAX_NAME_BYTES, PAGE_SIZE, MarkLog, RAMBlock, validate_name
+from .tracking import (
+    PREFERENCES,
+    DirtyTracker,
+    ExplicitTracker,
+    HashTracker,
+    KernelTracker,
+    TrackerBase,
+    TrackerUnavailable,
+    choose_tracker,
+    share_tracking,
+)
+from .zero import zero_mask
+
+__all__ = [
+    "MAX_NAME_BYTES",
+    "PAGE_SIZE",
+    "PREFERENCES",
+    "DirtyBitmap",
+    "DirtyTracker",
+    "ExplicitTracker",
+    "HashTracker",
+    "KernelTracker",
+    "MarkLog",
+    "RAMBlock",
+    "TrackerBase",
+    "TrackerUnavailable",
+    "choose_tracker",
+    "coalesce_runs",
+    "runs_to_indices",
+    "share_tracking",
+    "validate_name",
+    "zero_mask",
+]

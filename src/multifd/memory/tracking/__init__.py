@@ -1,0 +1,21 @@
+"""Dirty-page trackers: which pages of a RAMBlock were written since the last
+round, by the kernel (userfaultfd + PAGEMAP_SCAN), by hashing, or by marking.
+"""
+
+from .base import DirtyTracker, TrackerBase, TrackerUnavailable
+from .choose import PREFERENCES, choose_tracker
+from .explicit import ExplicitTracker
+from .hashing import HashTracker
+from .kernel import KernelTracker, share_tracking
+
+__all__ = [
+    "PREFERENCES",
+    "DirtyTracker",
+    "ExplicitTracker",
+    "HashTracker",
+    "KernelTracker",
+    "TrackerBase",
+    "TrackerUnavailable",
+    "choose_tracker",
+    "share_tracking",
+]

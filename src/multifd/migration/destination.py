@@ -1,0 +1,371 @@
+"""The migration destination: gathers the channels, loads the stream, resumes.
+
+`incoming(uri)` listens and returns; a migration thread waits for the main
+channel and all N multifd channels, then decodes the main stream, syncing
+with the channel threads at every EOS, and hands the application's state to
+`on_resume` only once every page has landed.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from ..channels import ChannelError, Connections, Listener, check_multifd, parse_uri
+from ..memory import RAMBlock
+from ..wire import (
+    PROFILES,
+    TARGET_PAGE_SIZE,
+    CompressedPage,
+    Compression,
+    Configuration,
+    DeviceState,
+    EndOfFile,
+    EndOfSection,
+    MainStreamDecoder,
+    MemSize,
+    MultifdFlush,
+    PacketLayout,
+    Page,
+    VMCommand,
+    VMDescription,
+    WireError,
+    XbzrlePage,
+    ZeroPage,
+)
+from ..wire.appstate import APP_STATE_IDSTR, AppState, read_app_state
+from ..wire.xbzrle import apply_xbzrle
+from .multifd_recv import MultifdReceiver
+from .params import MigrationConfigError, MigrationSettings
+from .qemufile import QEMUFileReader
+from .state import MigrationState, MigrationStatus
+from .stats import MigrationAborted, RamStats
+from .tls_settings import tls_config
+
+Event = Callable[[str, dict[str, Any]], None]
+
+
+class MigrationDestination:
+    """Receives a migration into `blocks` (same names and sizes as the source's).
+
+    `on_resume(state)` is called with the application's state (bytes, or None
+    when the source sent none) once all memory has landed. `machine_type`, when
+    given, must equal the source's. `device_state` collects the opaque device
+    sections of a QEMU source.
+    """
+
+    def __init__(
+        self,
+        blocks: Sequence[RAMBlock],
+        *,
+        capabilities: Mapping[str, bool] | None = None,
+        parameters: Mapping[str, Any] | None = None,
+        on_resume: Callable[[bytes | None], None] | None = None,
+        on_event: Event | None = None,
+        machine_type: str | None = None,
+        uuid: bytes = bytes(16),
+    ) -> None:
+        self.blocks = {b.name: b for b in blocks}
+        if len(self.blocks) != len(blocks):
+            raise ValueError(f"RAM block names must be unique: {[b.name for b in blocks]}")
+        self.settings = MigrationSettings(capabilities, parameters)
+        self.machine_type = machine_type
+        self.uuid = bytes(uuid)
+        self._on_resume = on_resume
+        self._on_event = on_event
+        self.state = MigrationState(self._status_changed)
+        self._lock = threading.Lock()
+        self._cancel = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._listener: Listener | None = None
+        self._connections: Connections | None = None
+        self._receiver: MultifdReceiver | None = None
+        self.uri: str | None = None
+        self._reset()
+
+    # -- settings -------------------------------------------------------------
+
+    def set_capabilities(self, states: Mapping[str, bool] | Sequence[Mapping[str, Any]]) -> None:
+        self._refuse_while_running()
+        self.settings.set_capabilities(states)
+
+    def set_parameters(self, values: Mapping[str, Any]) -> None:
+        self._refuse_while_running()
+        self.settings.set_parameters(values)
+
+    def _refuse_while_running(self) -> None:
+        if self.state.status.live:
+            raise MigrationConfigError("There's a migration process in progress")
+
+    # -- control --------------------------------------------------------------
+
+    def incoming(self, uri: str) -> str:
+        """Listen on `uri` and return the address actually bound (port 0 picks
+        one). The migration then runs in its own thread."""
+        self._refuse_while_running()
+        if self._thread is not None:
+            self._thread.join()
+        target = parse_uri(uri)
+        settings = self.settings.copy()
+        channels = settings.parameter("multifd-channels") if settings.capability("multifd") else 0
+        if channels:
+            check_multifd(target)
+        listener = Listener(target, channels=channels, uuid=self.uuid, tls=tls_config(settings))
+        self._reset()
+        self._cancel.clear()
+        with self._lock:
+            self._listener = listener
+        self.uri = str(listener.uri)
+        self.state.set(MigrationStatus.SETUP)
+        self._thread = threading.Thread(
+            target=self._run, args=(settings, listener), name="migration-incoming", daemon=True
+        )
+        self._thread.start()
+        return self.uri
+
+    def wait(self, timeout: float | None = None) -> dict[str, Any]:
+        if self._thread is not None:
+            self._thread.join(timeout)
+        return self.query()
+
+    def cancel(self) -> None:
+        """Stop receiving: state `cancelled`, listener and channels closed, every
+        thread joined when this returns. The blocks are left as they are."""
+        with self._lock:
+            if not self.state.status.live:
+                return
+            self._cancel.set()
+            self.state.set(MigrationStatus.CANCELLING)
+            self._wake()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join()
+
+    def _wake(self) -> None:
+        if self._listener is not None:
+            self._listener.close()
+        if self._receiver is not None:
+            self._receiver.abort()
+        if self._connections is not None:
+            self._connections.shutdown()
+
+    # -- query ----------------------------------------------------------------
+
+    def query(self) -> dict[str, Any]:
+        status = self.state.status
+        info: dict[str, Any] = {"status": status.value}
+        if status is MigrationStatus.NONE:
+            return info
+        if self.uri is not None:
+            info["socket-address"] = self.uri
+        end = self._end_time or time.monotonic()
+        info["total-time"] = int((end - self._start_time) * 1000)
+        if self._downtime is not None:
+            info["downtime"] = int(self._downtime * 1000)
+        if status is MigrationStatus.FAILED and self.state.error:
+            info["error-desc"] = self.state.error
+        stats = self._receiver.stats if self._receiver is not None else self._last_channel_stats
+        ram = self.ram.to_json(sum(c.bytes for c in stats))
+        ram["normal"] += sum(c.pages for c in stats)
+        ram["normal-bytes"] = ram["normal"] * TARGET_PAGE_SIZE
+        info["ram"] = ram
+        info["x-rounds"] = self._rounds
+        info["x-multifd-channels"] = [c.to_json() for c in stats]
+        if self.machine_type_received is not None:
+            info["x-machine-type"] = self.machine_type_received
+        return info
+
+    # -- the migration thread -------------------------------------------------
+
+    def _reset(self) -> None:
+        self.ram = RamStats(total=sum(b.used_length for b in self.blocks.values()))
+        self._start_time = time.monotonic()
+        self._end_time: float | None = None
+        self._downtime: float | None = None
+        self._rounds = 0
+        self._last_channel_stats: list = []
+        self.machine_type_received: str | None = None
+        self.configuration: Configuration | None = None
+        self.device_state: list[DeviceState] = []
+        self.app_state: AppState | None = None
+        self.vmdesc: bytes | None = None
+
+    def _status_changed(self, status: MigrationStatus) -> None:
+        if self._on_event is not None and self.settings.capability("events"):
+            self._on_event("MIGRATION", {"status": status.value})
+
+    def _fail(self, message: str) -> None:
+        # After cancel, broken sockets are its consequence, not an error.
+        if self._cancel.is_set():
+            return
+        if self.state.fail(message):
+            with self._lock:
+                self._wake()
+
+    def _run(self, settings: MigrationSettings, listener: Listener) -> None:
+        try:
+            connections = listener.wait()
+            with self._lock:
+                self._connections = connections
+                self._listener = None
+            listener.close()
+            if self._cancel.is_set():
+                raise MigrationAborted
+            self.state.set(MigrationStatus.ACTIVE)
+            self._load(settings, connections)
+            self._end_time = time.monotonic()
+            self.state.set(MigrationStatus.COMPLETED)
+        except MigrationAborted:
+            pass
+        except (ChannelError, WireError, OSError, ValueError) as exc:
+            self._fail(str(exc))
+        except Exception as exc:
+            self._fail(f"internal error: {type(exc).__name__}: {exc}")
+        finally:
+            self._cleanup(listener)
+
+    def _load(self, settings: MigrationSettings, connections: Connections) -> None:
+        profile = PROFILES[settings.parameter("x-stream-profile")]
+        io_timeout = settings.parameter("x-io-timeout") or None
+        for channel in connections.all:
+            channel.timeout = io_timeout
+        if connections.multifd:
+            receiver = MultifdReceiver(
+                connections.multifd,
+                compression=Compression(settings.parameter("multifd-compression")),
+                layout=PacketLayout.V9_0 if profile.zero_pages_in_packets else PacketLayout.V7_2,
+                on_error=self._fail,
+            )
+            with self._lock:
+                self._receiver = receiver
+            receiver.start()
+        main = QEMUFileReader(connections.main)
+        decoder = MainStreamDecoder(
+            main, profile=profile, known_devices={APP_STATE_IDSTR: read_app_state}
+        )
+        arrays = {name: block.array for name, block in self.blocks.items()}
+        round_mode: bool | None = None
+        for record in decoder:
+            if self._cancel.is_set() or self.state.error is not None:
+                raise MigrationAborted
+            if isinstance(record, ZeroPage):
+                offset = record.offset
+                arrays[record.block][offset : offset + TARGET_PAGE_SIZE] = record.fill
+                self.ram.duplicate += 1
+            elif isinstance(record, Page | CompressedPage):
+                data = record.data if isinstance(record, Page) else record.decompress()
+                offset = record.offset
+                arrays[record.block][offset : offset + TARGET_PAGE_SIZE] = np.frombuffer(
+                    data, dtype=np.uint8
+                )
+                self.ram.normal += 1
+            elif isinstance(record, XbzrlePage):
+                view = memoryview(arrays[record.block])[
+                    record.offset : record.offset + TARGET_PAGE_SIZE
+                ]
+                apply_xbzrle(record.encoded, view, decoder.reader.where)
+                self.ram.normal += 1
+            elif isinstance(record, EndOfSection):
+                if round_mode is None:
+                    round_mode = False
+                if not round_mode:
+                    self._sync(f"round {self._rounds}")
+                self._rounds += 1
+            elif isinstance(record, MultifdFlush):
+                round_mode = True
+                self._sync(f"the flush in round {self._rounds}")
+            elif isinstance(record, MemSize):
+                self._check_blocks(record)
+            elif isinstance(record, Configuration):
+                self._check_configuration(record, settings)
+            elif isinstance(record, DeviceState):
+                if record.header.idstr == APP_STATE_IDSTR:
+                    self.app_state = AppState.from_body(record.data)
+                else:
+                    self.device_state.append(record)
+            elif isinstance(record, VMDescription):
+                self.vmdesc = record.json
+            elif isinstance(record, VMCommand):
+                raise WireError(
+                    f"command {record.command.name} is not supported (postcopy, COLO and the "
+                    "return path are not implemented)",
+                    where=decoder.reader.where,
+                )
+            elif isinstance(record, EndOfFile):
+                pass
+        if decoder.state.name != "DONE":
+            raise WireError("main stream ended before QEMU_VM_EOF", where=decoder.reader.where)
+        # Every page has landed (the last EOS synced every channel): resume.
+        with self._lock:
+            receiver, self._receiver = self._receiver, None
+        if receiver is not None:
+            self._last_channel_stats = receiver.stats
+            receiver.close()
+        self.ram.main_bytes = connections.main.bytes_read
+        resumed_ns = time.time_ns()
+        if self._on_resume is not None:
+            self._on_resume(self.app_state.data if self.app_state else None)
+        if self.app_state is not None and self.app_state.stop_time_ns:
+            self._downtime = max(0, resumed_ns - self.app_state.stop_time_ns) / 1e9
+
+    def _sync(self, label: str) -> None:
+        if self._receiver is not None:
+            self._receiver.sync(label)
+
+    def _check_configuration(self, config: Configuration, settings: MigrationSettings) -> None:
+        self.configuration = config
+        self.machine_type_received = config.machine_type
+        if self.machine_type is not None and config.machine_type != self.machine_type:
+            raise WireError(
+                f"Machine type received is '{config.machine_type}' and local is "
+                f"'{self.machine_type}'"
+            )
+        if (
+            settings.capability("validate-uuid")
+            and config.uuid is not None
+            and config.uuid != self.uuid
+        ):
+            raise WireError(
+                f"UUID received is {config.uuid.hex()} and local is {self.uuid.hex()}. "
+                "Mismatch in UUIDs"
+            )
+
+    def _check_blocks(self, mem_size: MemSize) -> None:
+        for entry in mem_size.blocks:
+            block = self.blocks.get(entry.name)
+            if block is None:
+                raise WireError(f'Unknown ramblock "{entry.name}", cannot accept migration')
+            if block.used_length != entry.used_length:
+                raise WireError(
+                    f"Length mismatch: {entry.name}: {entry.used_length:#x} in != "
+                    f"{block.used_length:#x}"
+                )
+        if self._receiver is not None:
+            self._receiver.set_blocks({e.name: self.blocks[e.name].array for e in mem_size.blocks})
+
+    def _cleanup(self, listener: Listener) -> None:
+        listener.close()
+        with self._lock:
+            receiver, connections = self._receiver, self._connections
+            self._receiver = None
+            self._connections = None
+            self._listener = None
+        if receiver is not None:
+            self._last_channel_stats = receiver.stats
+            receiver.close()
+        if connections is not None:
+            self.ram.main_bytes = connections.main.bytes_read
+            connections.shutdown()
+            connections.close()
+        self._end_time = self._end_time or time.monotonic()
+        if self.state.status is MigrationStatus.COMPLETED:
+            return
+        if self._cancel.is_set() and self.state.error is None:
+            self.state.set(MigrationStatus.CANCELLED)
+        else:
+            if self.state.error is None:
+                self.state.fail("migration stopped without an error message")
+            self.state.set(MigrationStatus.FAILED)

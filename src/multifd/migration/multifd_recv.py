@@ -1,0 +1,209 @@
+"""The destination's multifd channels: one thread each, writing pages in place.
+
+Each thread reads a header, then the pages straight into the RAM block
+(readv into page slices; or decompress and scatter). At a SYNC packet it
+stops until the migration thread, at the matching EOS or MULTIFD_FLUSH, has
+seen every channel reach its SYNC (QEMU's multifd_recv_sync_main).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Mapping
+
+import numpy as np
+
+from ..channels import Channel, ChannelEOFError, ChannelError
+from ..wire import (
+    PACKET_HEADER_SIZE,
+    TARGET_PAGE_SIZE,
+    Compression,
+    MultiFDPacket,
+    PacketLayout,
+    Where,
+    WireError,
+)
+from .compression import make_decompressor
+from .multifd_send import page_runs
+from .stats import ChannelStats, MigrationAborted
+
+
+class _RecvChannel:
+    def __init__(self, channel: Channel, channel_id: int, compression: Compression) -> None:
+        self.channel = channel
+        self.stats = ChannelStats(channel_id)
+        self.decompressor = make_decompressor(compression)
+        self.synced = 0  # SYNC packets reached
+        self.released = 0  # syncs the migration thread has let past
+        self.ended = False  # the peer closed the stream at a packet boundary
+        self.thread: threading.Thread | None = None
+
+
+class MultifdReceiver:
+    """Owns the receive threads; the migration thread calls `sync` and `close`."""
+
+    def __init__(
+        self,
+        channels: list[Channel],
+        *,
+        compression: Compression,
+        layout: PacketLayout = PacketLayout.V7_2,
+        on_error: Callable[[str], None],
+    ) -> None:
+        self._cond = threading.Condition()
+        self._aborted = False
+        self._finishing = False
+        self._compression = compression
+        self._layout = layout
+        self._on_error = on_error
+        # name → (used_length, writable uint8 array); set from MEM_SIZE.
+        self._blocks: dict[str, tuple[int, np.ndarray]] = {}
+        self.channels = [_RecvChannel(ch, i, compression) for i, ch in enumerate(channels)]
+
+    def set_blocks(self, blocks: Mapping[str, np.ndarray]) -> None:
+        """The destination's blocks by name, once MEM_SIZE has been checked."""
+        self._blocks = {name: (len(array), array) for name, array in blocks.items()}
+
+    def start(self) -> None:
+        for rc in self.channels:
+            rc.thread = threading.Thread(
+                target=self._run, args=(rc,), name=f"multifdrecv_{rc.stats.id}", daemon=True
+            )
+            rc.thread.start()
+
+    def sync(self, label: str) -> None:
+        """Wait until every channel has reached its next SYNC, then release them."""
+        with self._cond:
+            target = self.channels[0].released + 1 if self.channels else 0
+            while True:
+                if self._aborted:
+                    raise MigrationAborted
+                ended = [rc for rc in self.channels if rc.ended and rc.synced < target]
+                if ended:
+                    rc = ended[0]
+                    message = (
+                        f"channel {rc.stats.id}: peer closed the channel before the SYNC of {label}"
+                    )
+                    rc.stats.error = message
+                    self._aborted = True
+                    self._cond.notify_all()
+                    self._on_error(message)
+                    raise MigrationAborted
+                if all(rc.synced >= target for rc in self.channels):
+                    break
+                self._cond.wait()
+            for rc in self.channels:
+                rc.released = target
+            self._cond.notify_all()
+
+    def abort(self) -> None:
+        with self._cond:
+            self._aborted = True
+            self._cond.notify_all()
+        for rc in self.channels:
+            rc.channel.shutdown()
+
+    def close(self) -> None:
+        """Stop and join every thread (a thread reading the next header gets EOF
+        once its channel is shut down), then close every channel."""
+        with self._cond:
+            self._finishing = True
+        self.abort()
+        for rc in self.channels:
+            if rc.thread is not None:
+                rc.thread.join()
+        for rc in self.channels:
+            rc.channel.close()
+
+    @property
+    def stats(self) -> list[ChannelStats]:
+        return [rc.stats for rc in self.channels]
+
+    # -- channel threads ------------------------------------------------------
+
+    def _run(self, rc: _RecvChannel) -> None:
+        try:
+            while self._receive_one(rc):
+                pass
+        except Exception as exc:
+            with self._cond:
+                quiet = self._finishing or self._aborted
+            if quiet:
+                return
+            if isinstance(exc, WireError):
+                message = str(exc)
+            else:
+                detail = exc.message if isinstance(exc, ChannelError) else str(exc)
+                message = f"channel {rc.stats.id}: packet {rc.stats.packets}: {detail}"
+            rc.stats.error = message
+            self._on_error(message)
+            with self._cond:
+                self._aborted = True
+                self._cond.notify_all()
+
+    def _receive_one(self, rc: _RecvChannel) -> bool:
+        channel = rc.channel
+        where = Where(channel=rc.stats.id, packet=rc.stats.packets, offset=channel.bytes_read)
+        try:
+            header = channel.read_exact(PACKET_HEADER_SIZE)
+        except ChannelEOFError as exc:
+            if exc.missing != exc.wanted:
+                raise
+            with self._cond:
+                rc.ended = True
+                self._cond.notify_all()
+            return False
+        started = time.perf_counter_ns()
+        packet = MultiFDPacket.unpack(header, layout=self._layout, where=where)
+        if packet.page_count:
+            self._pages(rc, packet, where)
+        rc.stats.packets += 1
+        rc.stats.bytes += channel.bytes_read - (where.offset or 0)
+        rc.stats.busy_ns += time.perf_counter_ns() - started
+        if packet.is_sync:
+            rc.stats.sync_packets += 1
+            with self._cond:
+                rc.synced += 1
+                self._cond.notify_all()
+                while rc.released < rc.synced and not self._aborted:
+                    self._cond.wait()
+                if self._aborted:
+                    return False
+        return True
+
+    def _pages(self, rc: _RecvChannel, packet: MultiFDPacket, where: Where) -> None:
+        lengths = {name: length for name, (length, _) in self._blocks.items()}
+        name, offsets = packet.check_pages(lengths, self._compression, where)
+        array = self._blocks[name][1]
+        normal = packet.normal_pages
+        data_offsets, zero_offsets = offsets[:normal], offsets[normal:]
+        aligned = not np.any(offsets % TARGET_PAGE_SIZE)
+        if normal:
+            if rc.decompressor is None:
+                if aligned:
+                    pages = (data_offsets // TARGET_PAGE_SIZE).astype(np.int64)
+                    views = [
+                        array[first * TARGET_PAGE_SIZE : (first + count) * TARGET_PAGE_SIZE]
+                        for first, count in page_runs(pages)
+                    ]
+                else:
+                    views = [array[o : o + TARGET_PAGE_SIZE] for o in data_offsets.tolist()]
+                rc.channel.readv_into([memoryview(v) for v in views])
+            else:
+                payload = rc.channel.read_exact(packet.next_packet_size)
+                data = rc.decompressor.decompress(payload, normal * TARGET_PAGE_SIZE, where)
+                pages = np.frombuffer(data, dtype=np.uint8).reshape(normal, TARGET_PAGE_SIZE)
+                _scatter(array, data_offsets, pages, aligned)
+            rc.stats.pages += normal
+        for offset in zero_offsets.tolist():
+            array[offset : offset + TARGET_PAGE_SIZE] = 0
+
+
+def _scatter(array: np.ndarray, offsets: np.ndarray, pages: np.ndarray, aligned: bool) -> None:
+    if aligned:
+        rows = array[: len(array) - len(array) % TARGET_PAGE_SIZE].reshape(-1, TARGET_PAGE_SIZE)
+        rows[(offsets // TARGET_PAGE_SIZE).astype(np.intp)] = pages
+        return
+    for offset, page in zip(offsets.tolist(), pages, strict=True):
+        array[offset : offset + TARGET_PAGE_SIZE] = page

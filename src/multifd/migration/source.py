@@ -1,0 +1,477 @@
+"""The migration source: live pre-copy of RAM blocks over N multifd channels.
+
+One migration thread runs the rounds: send every page, then what the dirty
+trackers saw written meanwhile, until the rest fits `downtime-limit` at the
+measured bandwidth; then it stops the workload, sends the rest and the
+application's state, and ends the stream. Channel threads carry the pages.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from ..channels import ChannelError, Connections, connect_channels, parse_uri
+from ..memory import RAMBlock, choose_tracker, zero_mask
+from ..wire import (
+    PAGES_PER_PACKET,
+    PROFILES,
+    TARGET_PAGE_SIZE,
+    Compression,
+    Configuration,
+    EndOfFile,
+    EndOfSection,
+    FileHeader,
+    MemSize,
+    PacketLayout,
+    RamBlockEntry,
+    SectionFooter,
+    SectionPart,
+    SectionStart,
+    WireError,
+)
+from ..wire.appstate import AppState, vmdescription
+from ..wire.ram import RamFlag, encode_zero_pages
+from ..wire.reader import be64, counted_string
+from .multifd_send import MultifdSender
+from .params import MigrationConfigError, MigrationSettings
+from .qemufile import QEMUFileWriter
+from .state import MigrationState, MigrationStatus
+from .stats import MigrationAborted, RamStats
+from .tls_settings import tls_config
+
+RAM_SECTION_ID = 2
+APP_STATE_SECTION_ID = 3
+DEFAULT_MACHINE_TYPE = "multifd-python"
+# Pages looked at per step of a round: 4 MiB, small enough for a smooth rate limit.
+CHUNK_PAGES = 1024
+
+Event = Callable[[str, dict[str, Any]], None]
+
+
+class MigrationSource:
+    """Live-migrates `blocks` to a destination URI.
+
+    `on_stop` pauses the workload at switchover and `on_resume` restarts it if
+    the migration then fails or is cancelled; `save_state` returns the
+    application's state (bytes) to carry in a device section; `throttle(percent)`
+    slows the workload when auto-converge asks (0 lifts it); `on_event(name,
+    data)` receives QMP-style events (MIGRATION, MIGRATION_PASS).
+    """
+
+    def __init__(
+        self,
+        blocks: Sequence[RAMBlock],
+        *,
+        capabilities: Mapping[str, bool] | None = None,
+        parameters: Mapping[str, Any] | None = None,
+        on_stop: Callable[[], None] | None = None,
+        on_resume: Callable[[], None] | None = None,
+        save_state: Callable[[], bytes] | None = None,
+        throttle: Callable[[int], None] | None = None,
+        on_event: Event | None = None,
+        machine_type: str = DEFAULT_MACHINE_TYPE,
+        uuid: bytes = bytes(16),
+    ) -> None:
+        names = [b.name for b in blocks]
+        if not blocks:
+            raise ValueError("a migration needs at least one RAM block")
+        if len(set(names)) != len(names):
+            raise ValueError(f"RAM block names must be unique: {names}")
+        self.blocks = list(blocks)
+        self.settings = MigrationSettings(capabilities, parameters)
+        self.machine_type = machine_type
+        self.uuid = bytes(uuid)
+        self._on_stop = on_stop
+        self._on_resume = on_resume
+        self._save_state = save_state
+        self._throttle = throttle
+        self._on_event = on_event
+        self.state = MigrationState(self._status_changed)
+        self._thread: threading.Thread | None = None
+        self._cancel = threading.Event()
+        self._lock = threading.Lock()
+        self._connections: Connections | None = None
+        self._sender: MultifdSender | None = None
+        self._reset_counters()
+
+    # -- settings -------------------------------------------------------------
+
+    def set_capabilities(self, states: Mapping[str, bool] | Sequence[Mapping[str, Any]]) -> None:
+        self._refuse_while_running()
+        self.settings.set_capabilities(states)
+
+    def set_parameters(self, values: Mapping[str, Any]) -> None:
+        self._refuse_while_running()
+        self.settings.set_parameters(values)
+
+    def _refuse_while_running(self) -> None:
+        if self.state.status.live:
+            raise MigrationConfigError("There's a migration process in progress")
+
+    # -- control --------------------------------------------------------------
+
+    def migrate(self, uri: str) -> None:
+        """Start migrating to `uri`; returns at once (the work runs in its own thread).
+
+        Bad settings or a bad URI raise here, before anything starts."""
+        self._refuse_while_running()
+        if self._thread is not None:
+            self._thread.join()
+        target = parse_uri(uri)
+        settings = self.settings.copy()
+        multifd = settings.capability("multifd")
+        if multifd:
+            from ..channels import check_multifd
+
+            check_multifd(target)
+        tls = tls_config(settings)
+        self._reset_counters()
+        self._cancel.clear()
+        self.state.set(MigrationStatus.SETUP)
+        self._thread = threading.Thread(
+            target=self._run, args=(target, settings, tls), name="migration", daemon=True
+        )
+        self._thread.start()
+
+    def wait(self, timeout: float | None = None) -> dict[str, Any]:
+        """Wait until the migration has finished and every thread is joined."""
+        if self._thread is not None:
+            self._thread.join(timeout)
+        return self.query()
+
+    def cancel(self) -> None:
+        """Stop the migration now: state `cancelled`, every thread joined and every
+        socket closed when this returns. Nothing happens if none is running."""
+        with self._lock:
+            if not self.state.status.live:
+                return
+            self._cancel.set()
+            self.state.set(MigrationStatus.CANCELLING)
+            if self._sender is not None:
+                self._sender.abort()
+            if self._connections is not None:
+                self._connections.shutdown()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join()
+
+    # -- query ----------------------------------------------------------------
+
+    def query(self) -> dict[str, Any]:
+        """A `query-migrate` answer, plus per-channel figures QEMU lacks."""
+        status = self.state.status
+        info: dict[str, Any] = {"status": status.value}
+        if status is MigrationStatus.NONE:
+            return info
+        now = time.monotonic()
+        end = self._end_time or now
+        info["total-time"] = int((end - self._start_time) * 1000)
+        if self._setup_time is not None:
+            info["setup-time"] = int(self._setup_time * 1000)
+        if status is MigrationStatus.COMPLETED:
+            info["downtime"] = int(self._downtime * 1000)
+        elif status in (MigrationStatus.ACTIVE, MigrationStatus.DEVICE):
+            info["expected-downtime"] = int(self._expected_downtime * 1000)
+        if status is MigrationStatus.FAILED and self.state.error:
+            info["error-desc"] = self.state.error
+        multifd_bytes = sum(c.bytes for c in self._channel_stats())
+        self.ram.main_bytes = self._main.bytes_written if self._main is not None else 0
+        info["ram"] = self.ram.to_json(multifd_bytes)
+        if self._throttle_percent:
+            info["cpu-throttle-percentage"] = self._throttle_percent
+        info["x-converging"] = self._converging
+        info["x-rounds"] = self._round
+        info["x-dirty-tracker"] = self._tracker_names
+        info["x-multifd-channels"] = [c.to_json() for c in self._channel_stats()]
+        return info
+
+    def _channel_stats(self) -> list:
+        return self._sender.stats if self._sender is not None else self._last_channel_stats
+
+    # -- the migration thread -------------------------------------------------
+
+    def _reset_counters(self) -> None:
+        self.ram = RamStats(total=sum(b.used_length for b in self.blocks))
+        self._start_time = time.monotonic()
+        self._end_time: float | None = None
+        self._setup_time: float | None = None
+        self._downtime = 0.0
+        self._expected_downtime = 0.0
+        self._converging = True
+        self._throttle_percent = 0
+        self._round = 0
+        self._tracker_names: dict[str, str] = {}
+        self._last_channel_stats: list = []
+        self._stopped = False
+        self._last_block: str | None = None
+        self._main: QEMUFileWriter | None = None
+
+    def _status_changed(self, status: MigrationStatus) -> None:
+        if self._on_event is not None and self.settings.capability("events"):
+            self._on_event("MIGRATION", {"status": status.value})
+
+    def _fail(self, message: str) -> None:
+        # After cancel, broken sockets are its consequence, not an error.
+        if self._cancel.is_set():
+            return
+        if self.state.fail(message):
+            # Wake the migration thread wherever it waits.
+            if self._sender is not None:
+                self._sender.abort()
+            if self._connections is not None:
+                self._connections.shutdown()
+
+    def _run(self, target, settings: MigrationSettings, tls) -> None:
+        trackers: list = []
+        try:
+            trackers = self._setup(target, settings, tls)
+            self.state.set(MigrationStatus.ACTIVE)
+            dirty = [
+                np.arange(b.used_length // TARGET_PAGE_SIZE, dtype=np.int64) for b in self.blocks
+            ]
+            dirty = self._iterate(settings, trackers, dirty)
+            self._complete(settings, trackers, dirty)
+        except MigrationAborted:
+            pass
+        except (ChannelError, WireError, OSError, ValueError) as exc:
+            self._fail(str(exc))
+        except Exception as exc:
+            self._fail(f"internal error: {type(exc).__name__}: {exc}")
+        finally:
+            self._cleanup(trackers)
+
+    def _setup(self, target, settings: MigrationSettings, tls) -> list:
+        multifd = settings.capability("multifd")
+        channels = settings.parameter("multifd-channels") if multifd else 0
+        profile = PROFILES[settings.parameter("x-stream-profile")]
+        self._layout = PacketLayout.V9_0 if profile.zero_pages_in_packets else PacketLayout.V7_2
+        config = Configuration.build(
+            self.machine_type, uuid=self.uuid if settings.capability("validate-uuid") else None
+        )
+        header = FileHeader().pack() + config.pack()
+        connections = connect_channels(
+            target, header=header, channels=channels, uuid=self.uuid, tls=tls
+        )
+        with self._lock:
+            self._connections = connections
+            if self._cancel.is_set():
+                raise MigrationAborted
+        io_timeout = settings.parameter("x-io-timeout") or None
+        for channel in connections.all:
+            channel.timeout = io_timeout
+        self._main = QEMUFileWriter(connections.main)
+        self._main_header_bytes = len(header)
+        if multifd:
+            sender = MultifdSender(
+                connections.multifd,
+                compression=Compression(settings.parameter("multifd-compression")),
+                level=settings.parameter(
+                    "multifd-zlib-level"
+                    if settings.parameter("multifd-compression") == "zlib"
+                    else "multifd-zstd-level"
+                ),
+                layout=self._layout,
+                on_error=self._fail,
+            )
+            with self._lock:
+                self._sender = sender
+            sender.start()
+
+        trackers = []
+        preference = settings.parameter("x-dirty-tracker")
+        for block in self.blocks:
+            tracker = choose_tracker(block, preference)
+            trackers.append(tracker)
+            self._tracker_names[block.name] = tracker.name
+            tracker.start()
+        self.ram.dirty_sync_count = 1
+        self._pass_event()
+
+        # Setup section: the block list, one sync, EOS (QEMU's ram_save_setup).
+        mem_size = MemSize(tuple(RamBlockEntry(b.name, b.used_length) for b in self.blocks))
+        self._main.write(SectionStart(RAM_SECTION_ID, "ram", 0, 4).pack() + mem_size.pack())
+        self._end_section()
+        self._setup_time = time.monotonic() - self._start_time
+        return trackers
+
+    def _iterate(self, settings: MigrationSettings, trackers: list, dirty: list) -> list:
+        limit_s = settings.parameter("downtime-limit") / 1000
+        previous_remaining: int | None = None
+        high_dirty_rounds = 0
+        while True:
+            self._round += 1
+            started = time.monotonic()
+            sent_before = self._bytes_sent()
+            self._main.write(SectionPart(RAM_SECTION_ID).pack())
+            self._send_pages(settings, dirty, started)
+            self._end_section()
+            elapsed = max(time.monotonic() - started, 1e-6)
+            sent = self._bytes_sent() - sent_before
+            self.ram.precopy_bytes += sent
+            bandwidth = sent / elapsed
+            dirty = [t.collect().indices() for t in trackers]
+            dirty_pages = sum(len(d) for d in dirty)
+            self.ram.dirty_sync_count += 1
+            self.ram.dirty_pages_rate = int(dirty_pages / elapsed)
+            self.ram.mbps = bandwidth * 8 / 1e6
+            self.ram.remaining = dirty_pages * TARGET_PAGE_SIZE
+            self._pass_event()
+            self._expected_downtime = self.ram.remaining / bandwidth if bandwidth else 0.0
+            if self._expected_downtime <= limit_s:
+                return dirty
+            # Rounds that stop shrinking will never fit the limit on their own.
+            if previous_remaining is not None:
+                self._converging = self.ram.remaining < previous_remaining
+            previous_remaining = self.ram.remaining
+            if settings.capability("auto-converge"):
+                threshold = settings.parameter("throttle-trigger-threshold") / 100
+                if self.ram.remaining > sent * threshold:
+                    high_dirty_rounds += 1
+                if high_dirty_rounds >= 2:
+                    high_dirty_rounds = 0
+                    self._raise_throttle(settings)
+            if self._cancel.is_set():
+                raise MigrationAborted
+
+    def _raise_throttle(self, settings: MigrationSettings) -> None:
+        if self._throttle_percent == 0:
+            percent = settings.parameter("cpu-throttle-initial")
+        else:
+            percent = self._throttle_percent + settings.parameter("cpu-throttle-increment")
+        self._throttle_percent = min(percent, settings.parameter("max-cpu-throttle"))
+        if self._throttle is not None:
+            self._throttle(self._throttle_percent)
+
+    def _complete(self, settings: MigrationSettings, trackers: list, dirty: list) -> None:
+        # Switchover: the workload stops, the last round and the state go out.
+        stop_ns = time.time_ns()
+        stopped_at = time.monotonic()
+        if self._on_stop is not None:
+            self._on_stop()
+        self._stopped = True
+        self.state.set(MigrationStatus.DEVICE)
+        dirty = [np.union1d(d, t.collect().indices()) for d, t in zip(dirty, trackers, strict=True)]
+        self.ram.dirty_sync_count += 1
+        self._pass_event()
+        sent_before = self._bytes_sent()
+        self._main.write(SectionPart(RAM_SECTION_ID, end=True).pack())
+        self._send_pages(settings, dirty, None)
+        self._end_section()
+        state = AppState(self._save_state() if self._save_state else b"", stop_ns)
+        self._main.write(
+            state.header(APP_STATE_SECTION_ID).pack()
+            + state.body()
+            + SectionFooter(APP_STATE_SECTION_ID).pack()
+            + EndOfFile().pack()
+            + vmdescription([state.vmdesc_entry()]).pack()
+        )
+        self._main.flush()
+        self.ram.downtime_bytes = self._bytes_sent() - sent_before
+        self.ram.remaining = 0
+        self._downtime = time.monotonic() - stopped_at
+        if self._throttle_percent and self._throttle is not None:
+            self._throttle(0)
+        self.state.set(MigrationStatus.COMPLETED)
+
+    # -- sending --------------------------------------------------------------
+
+    def _bytes_sent(self) -> int:
+        multifd = sum(c.bytes for c in self._sender.stats) if self._sender else 0
+        return self._main.bytes_written + multifd
+
+    def _send_pages(self, settings: MigrationSettings, dirty: list, started: float | None) -> None:
+        """One round: zero pages as ZERO records on main, the others in packets
+        (or PAGE records on main without multifd)."""
+        max_bandwidth = settings.parameter("max-bandwidth") if started is not None else 0
+        sent_before = self._bytes_sent()
+        for block, pages in zip(self.blocks, dirty, strict=True):
+            buffer = block.buffer
+            for first in range(0, len(pages), CHUNK_PAGES):
+                if self._cancel.is_set() or self.state.error is not None:
+                    raise MigrationAborted
+                chunk = pages[first : first + CHUNK_PAGES]
+                zero = zero_mask(block, chunk)
+                zeros, normal = chunk[zero], chunk[~zero]
+                if len(zeros):
+                    offsets = zeros.astype(np.uint64) * np.uint64(TARGET_PAGE_SIZE)
+                    self._main.write(
+                        encode_zero_pages(
+                            block.name, offsets, continued=self._last_block == block.name
+                        )
+                    )
+                    self._last_block = block.name
+                    self.ram.duplicate += len(zeros)
+                if len(normal):
+                    if self._sender is not None:
+                        for i in range(0, len(normal), PAGES_PER_PACKET):
+                            self._sender.send(block.name, buffer, normal[i : i + PAGES_PER_PACKET])
+                    else:
+                        self._send_on_main(block.name, buffer, normal)
+                    self.ram.normal += len(normal)
+                if max_bandwidth:
+                    self._rate_limit(max_bandwidth, started, sent_before)
+
+    def _send_on_main(self, name: str, buffer: memoryview, pages: np.ndarray) -> None:
+        """Plain precopy: PAGE records, the block named on its first page only."""
+        parts: list = []
+        for page in pages.tolist():
+            offset = page * TARGET_PAGE_SIZE
+            if self._last_block == name:
+                parts.append(be64(offset | RamFlag.PAGE | RamFlag.CONTINUE))
+            else:
+                parts.append(be64(offset | RamFlag.PAGE) + counted_string(name))
+                self._last_block = name
+            parts.append(buffer[offset : offset + TARGET_PAGE_SIZE])
+        self._main.writev(parts)
+
+    def _rate_limit(self, max_bandwidth: int, started: float, sent_before: int) -> None:
+        ahead = (self._bytes_sent() - sent_before) / max_bandwidth - (time.monotonic() - started)
+        if ahead > 0 and self._cancel.wait(ahead):
+            raise MigrationAborted
+
+    def _end_section(self) -> None:
+        """Sync every channel, then EOS and the footer: the round's sync point."""
+        if self._sender is not None:
+            self._sender.sync()
+        self._main.write(EndOfSection().pack() + SectionFooter(RAM_SECTION_ID).pack())
+        self._main.flush()
+
+    def _pass_event(self) -> None:
+        if self._on_event is not None and self.settings.capability("events"):
+            self._on_event("MIGRATION_PASS", {"pass": self.ram.dirty_sync_count})
+
+    # -- the one way out --------------------------------------------------------
+
+    def _cleanup(self, trackers: list) -> None:
+        with self._lock:
+            sender, connections = self._sender, self._connections
+        if sender is not None:
+            self._last_channel_stats = sender.stats
+            sender.close()
+        if connections is not None:
+            connections.shutdown()
+            connections.close()
+        for tracker in trackers:
+            tracker.close()
+        with self._lock:
+            self._sender = None
+            self._connections = None
+        self._end_time = time.monotonic()
+        if self.state.status is MigrationStatus.COMPLETED:
+            return
+        if self._stopped and self._on_resume is not None:
+            # The source keeps running: the failed switchover is undone.
+            self._on_resume()
+        if self._throttle_percent and self._throttle is not None:
+            self._throttle(0)
+        if self._cancel.is_set() and self.state.error is None:
+            self.state.set(MigrationStatus.CANCELLING)
+            self.state.set(MigrationStatus.CANCELLED)
+        else:
+            if self.state.error is None:
+                self.state.fail("migration stopped without an error message")
+            self.state.set(MigrationStatus.FAILED)

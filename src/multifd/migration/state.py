@@ -1,0 +1,95 @@
+"""The migration state machine, with QEMU's status names and the first error.
+
+Transitions are a table, not flags: a migration goes setup → active → device →
+completed, or to failed / cancelled from any live state, and never back.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from enum import Enum
+
+
+class MigrationStatus(Enum):
+    NONE = "none"
+    SETUP = "setup"
+    ACTIVE = "active"
+    DEVICE = "device"  # switchover: the workload is stopped, the last round is on the wire
+    CANCELLING = "cancelling"
+    CANCELLED = "cancelled"
+    COMPLETED = "completed"
+    FAILED = "failed"
+
+    @property
+    def finished(self) -> bool:
+        return self in (
+            MigrationStatus.COMPLETED,
+            MigrationStatus.FAILED,
+            MigrationStatus.CANCELLED,
+        )
+
+    @property
+    def live(self) -> bool:
+        return self in (
+            MigrationStatus.SETUP,
+            MigrationStatus.ACTIVE,
+            MigrationStatus.DEVICE,
+            MigrationStatus.CANCELLING,
+        )
+
+
+_S = MigrationStatus
+_FINISHED = frozenset({_S.COMPLETED, _S.FAILED, _S.CANCELLED})
+TRANSITIONS: dict[MigrationStatus, frozenset[MigrationStatus]] = {
+    _S.NONE: frozenset({_S.SETUP}),
+    _S.SETUP: frozenset({_S.ACTIVE, _S.CANCELLING, _S.FAILED}),
+    _S.ACTIVE: frozenset({_S.DEVICE, _S.COMPLETED, _S.CANCELLING, _S.FAILED}),
+    _S.DEVICE: frozenset({_S.COMPLETED, _S.CANCELLING, _S.FAILED}),
+    _S.CANCELLING: frozenset({_S.CANCELLED, _S.FAILED}),
+    # A finished migration may be started again.
+    _S.COMPLETED: frozenset({_S.SETUP}),
+    _S.FAILED: frozenset({_S.SETUP}),
+    _S.CANCELLED: frozenset({_S.SETUP}),
+}
+
+
+class MigrationState:
+    """Thread-safe status, the first error, and a listener for status events."""
+
+    def __init__(self, on_change: Callable[[MigrationStatus], None] | None = None) -> None:
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
+        self.status = MigrationStatus.NONE
+        self.error: str | None = None
+        self.times: dict[MigrationStatus, float] = {}
+        self._on_change = on_change
+
+    def set(self, new: MigrationStatus) -> bool:
+        """Move to `new` if the table allows it from the current status."""
+        with self._lock:
+            if new not in TRANSITIONS[self.status]:
+                return False
+            self.status = new
+            self.times[new] = time.monotonic()
+            if new is MigrationStatus.SETUP:
+                self.error = None
+            self._changed.notify_all()
+        if self._on_change is not None:
+            self._on_change(new)
+        return True
+
+    def fail(self, message: str) -> bool:
+        """Record the first error; later ones are consequences and are dropped."""
+        with self._lock:
+            if self.error is None and not self.status.finished:
+                self.error = message
+                first = True
+            else:
+                first = False
+        return first
+
+    def wait_finished(self, timeout: float | None = None) -> bool:
+        with self._lock:
+            return self._changed.wait_for(lambda: self.status.finished, timeout)

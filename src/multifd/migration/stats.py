@@ -1,0 +1,72 @@
+"""Counters behind `query-migrate`: per channel and for the whole RAM transfer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class MigrationAborted(Exception):
+    """The migration stopped (a channel failed, or cancel): stop what you do now."""
+
+
+@dataclass
+class ChannelStats:
+    """What one multifd channel did; kept after a failure, with its error."""
+
+    id: int
+    bytes: int = 0
+    packets: int = 0
+    sync_packets: int = 0
+    pages: int = 0
+    busy_ns: int = 0  # time in compression and socket calls
+    error: str | None = None
+
+    def to_json(self) -> dict:
+        return {
+            "id": self.id,
+            "bytes": self.bytes,
+            "packets": self.packets,
+            "sync-packets": self.sync_packets,
+            "pages": self.pages,
+            "busy-ms": self.busy_ns // 1_000_000,
+            "error": self.error,
+        }
+
+
+@dataclass
+class RamStats:
+    """The `ram` member of query-migrate (QEMU's MigrationStats)."""
+
+    total: int = 0  # bytes of every block
+    remaining: int = 0  # dirty bytes still to send
+    duplicate: int = 0  # zero pages sent as ZERO records
+    normal: int = 0  # pages sent with their data
+    main_bytes: int = 0  # bytes written on the main channel
+    dirty_sync_count: int = 0
+    dirty_pages_rate: int = 0  # pages per second dirtied, last round
+    mbps: float = 0.0  # megabits per second, last round
+    pages_per_second: int = 0
+    precopy_bytes: int = 0
+    downtime_bytes: int = 0
+
+    def to_json(self, multifd_bytes: int) -> dict:
+        return {
+            "transferred": self.main_bytes + multifd_bytes,
+            "remaining": self.remaining,
+            "total": self.total,
+            "duplicate": self.duplicate,
+            "skipped": 0,
+            "normal": self.normal,
+            "normal-bytes": self.normal * 4096,
+            "dirty-pages-rate": self.dirty_pages_rate,
+            "mbps": round(self.mbps, 3),
+            "dirty-sync-count": self.dirty_sync_count,
+            "postcopy-requests": 0,
+            "page-size": 4096,
+            "multifd-bytes": multifd_bytes,
+            "pages-per-second": self.pages_per_second,
+            "precopy-bytes": self.precopy_bytes,
+            "downtime-bytes": self.downtime_bytes,
+            "postcopy-bytes": 0,
+            "dirty-sync-missed-zero-copy": 0,
+        }

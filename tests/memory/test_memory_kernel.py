@@ -1,0 +1,83 @@
+"""The kernel tracker's own cases: unaligned application buffers, writes made by
+the kernel, scans that fill the region vector, and a block taken twice."""
+
+from __future__ import annotations
+
+import errno
+import socket
+
+import numpy as np
+import pytest
+from memory_support import PATTERN, BlockMaker, MiB, write_pages
+
+from multifd.memory import PAGE_SIZE, KernelTracker, RAMBlock, TrackerUnavailable
+from multifd.memory.tracking import kernel as kernel_module
+
+pytestmark = pytest.mark.usefixtures("kernel_tracking")
+
+
+def test_probe_says_it_works_here() -> None:
+    assert KernelTracker.probe() is None
+
+
+def test_unaligned_buffer_reports_every_written_page() -> None:
+    # An application's buffer may start inside a page, so each block page straddles two
+    # real pages: the tracker reports a written page and, at most, its neighbour below.
+    # The first and last real pages also hold other heap data, whose writes mark the
+    # first and last block pages: conservative, never a missed page.
+    memory = np.zeros(2 * MiB + PAGE_SIZE, dtype=np.uint8)
+    offset = (100 - memory.ctypes.data) % PAGE_SIZE
+    window = memory[offset : offset + 2 * MiB]
+    with RAMBlock.from_buffer("app", window) as block, KernelTracker(block) as tracker:
+        assert block.address % PAGE_SIZE == 100
+        tracker.start()
+        write_pages(block, PATTERN)
+        edges = {0, block.pages - 1}
+        reported = set(tracker.collect().indices().tolist())
+        written = set(PATTERN.tolist())
+        assert written <= reported <= written | {page - 1 for page in written} | edges
+        assert set(tracker.collect().indices().tolist()) <= edges
+
+
+def test_writes_by_the_kernel_are_seen(make_block: BlockMaker) -> None:
+    block = make_block("anonymous", MiB)
+    left, right = socket.socketpair()
+    with left, right, KernelTracker(block) as tracker:
+        tracker.start()
+        left.sendall(b"x" * (2 * PAGE_SIZE))
+        assert right.recv_into(block.page(40, count=2)) == 2 * PAGE_SIZE
+        assert tracker.collect().indices().tolist() == [40, 41]
+
+
+def test_scans_larger_than_the_region_vector_go_on_from_walk_end(
+    make_block: BlockMaker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(kernel_module, "_REGIONS_PER_SCAN", 5)
+    block = make_block("memfd", MiB)
+    with KernelTracker(block) as tracker:
+        tracker.start()
+        every_third = np.arange(0, block.pages, 3)  # 86 separate regions
+        write_pages(block, every_third)
+        assert np.array_equal(tracker.collect().indices(), every_third)
+        write_pages(block, np.arange(block.pages))  # one region covering everything
+        assert tracker.collect().count() == block.pages
+
+
+def test_a_block_cannot_be_tracked_twice(make_block: BlockMaker) -> None:
+    block = make_block("anonymous", MiB, name="pc.ram")
+    with KernelTracker(block), pytest.raises(TrackerUnavailable) as failure:
+        KernelTracker(block)
+    assert failure.value.errno == errno.EBUSY
+    assert str(failure.value).startswith(
+        "RAMBlock 'pc.ram': kernel dirty tracking: UFFDIO_REGISTER"
+    )
+    with KernelTracker(block) as tracker:  # free again once the first one closed
+        tracker.start()
+
+
+def test_closing_after_the_block_is_gone_is_fine(make_block: BlockMaker) -> None:
+    block = make_block("anonymous", MiB)
+    tracker = KernelTracker(block)
+    tracker.start()
+    block.close()
+    tracker.close()

@@ -1,0 +1,40 @@
+"""Zero-page detection over whole batches against a known mask: contiguous runs,
+scattered pages, the whole block, and a single non-zero byte anywhere in a page."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from memory_support import BlockMaker, MiB
+
+from multifd.memory import PAGE_SIZE, zero_mask
+
+
+@pytest.mark.parametrize("kind", ["anonymous", "memfd", "bytearray"])
+def test_zero_mask_matches_a_known_pattern(make_block: BlockMaker, kind: str) -> None:
+    block = make_block(kind, 4 * MiB)
+    rng = np.random.default_rng(3)
+    nonzero = rng.random(block.pages) < 0.4
+    # One non-zero byte per chosen page, at any offset (also the first and last byte).
+    offsets = rng.integers(0, PAGE_SIZE, block.pages)
+    offsets[:2] = (0, PAGE_SIZE - 1)
+    rows = block.page_rows()
+    pages = np.flatnonzero(nonzero)
+    rows[pages, offsets[pages]] = rng.integers(1, 256, pages.size)
+
+    assert np.array_equal(zero_mask(block), ~nonzero)
+    scattered = rng.permutation(block.pages)[:300]
+    assert np.array_equal(zero_mask(block, scattered), ~nonzero[scattered])
+    assert np.array_equal(zero_mask(block, np.arange(200, 328)), ~nonzero[200:328])
+    many = np.arange(0, block.pages, 1)[::-1]  # more than one chunk, reversed order
+    assert np.array_equal(zero_mask(block, many), ~nonzero[many])
+
+
+def test_zero_mask_edges(make_block: BlockMaker) -> None:
+    block = make_block("anonymous", 16 * PAGE_SIZE, name="pc.ram")
+    assert zero_mask(block, []).shape == (0,)
+    assert zero_mask(block, [5]).tolist() == [True]
+    block.page(5)[PAGE_SIZE - 1] = 1
+    assert zero_mask(block, [5, 5, 4]).tolist() == [False, False, True]
+    with pytest.raises(IndexError, match=r"'pc.ram': zero check of pages 0..16 outside 0..15"):
+        zero_mask(block, [0, 16])
