@@ -5,16 +5,18 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from importlib import resources
 from pathlib import Path
 
 from rich.console import Console
+from rich.live import Live
 
 from . import __version__
 from .analyze import analyze, load_recording
 from .analyze.report import render
-
-BUNDLED_RECORDING = "qemu-7.2-mf4-mb"
+from .demo.runner import DemoOptions, run_demo
+from .migration.params import MigrationConfigError, parse_parameter_text
+from .progress import human as _human
+from .progress import progress_table, render_summary
 
 
 def _analyze(args: argparse.Namespace) -> int:
@@ -35,16 +37,39 @@ def _analyze(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+def _size_arg(text: str) -> int:
+    try:
+        return parse_parameter_text("max-bandwidth", text)
+    except MigrationConfigError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 1G, 512M)") from None
+
+
 def _demo(args: argparse.Namespace) -> int:
-    # Until the engine lands, the demo decodes a real QEMU 7.2 multifd migration
-    # shipped with the package: every channel, every round, RAM rebuilt.
-    folder = resources.files("multifd") / "data" / BUNDLED_RECORDING
-    with resources.as_file(folder) as path:
-        Console(stderr=True).print(
-            f"[bold]multifd demo[/]: decoding a real QEMU 7.2 migration with 4 multifd "
-            f"channels ({BUNDLED_RECORDING})"
+    options = DemoOptions(
+        size=args.size,
+        channels=args.channels,
+        dirty_rate=args.dirty_rate,
+        compression=args.compression,
+        multifd=not args.no_multifd,
+        transport=args.transport,
+        downtime_limit=args.downtime_limit,
+    )
+    console = Console(stderr=True)
+    if args.json:
+        result = run_demo(options)
+        print(json.dumps(result, indent=1))
+    else:
+        console.print(
+            f"[bold]multifd demo[/]: {_human(options.size)} RAM block, "
+            + (f"{options.channels} multifd channels" if options.multifd else "plain pre-copy")
+            + f", {options.compression} compression, {options.transport} transport, "
+            f"workload writing {_human(options.dirty_rate)}/s"
         )
-        return _analyze(argparse.Namespace(path=Path(path), json=args.json, extract=args.extract))
+        with Live(console=console, refresh_per_second=8, transient=True) as live:
+            result = run_demo(options, progress=lambda q: live.update(progress_table(q)))
+        render_summary(result, options.downtime_limit, Console())
+    ok = result["status"] == "completed" and result["memory_identical"]
+    return 0 if ok else 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -71,9 +96,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=_analyze)
 
-    p = sub.add_parser("demo", help="the main job: show a real multifd migration decoded")
+    p = sub.add_parser(
+        "demo",
+        help="the main job: live-migrate a busy RAM block to another process",
+        description="Runs a destination process and a source on this machine; the "
+        "source's workload keeps writing while its RAM block migrates over multifd "
+        "channels. Exits 0 only if the migration completed and both memories are equal.",
+    )
+    p.add_argument("--size", type=_size_arg, default=1 << 30, help="RAM block size (1G)")
+    p.add_argument("--channels", type=int, default=4, help="multifd channels (4)")
+    p.add_argument(
+        "--dirty-rate", type=_size_arg, default=128 << 20, help="bytes/s the workload writes"
+    )
+    p.add_argument("--compression", choices=("none", "zlib", "zstd"), default="none")
+    p.add_argument("--no-multifd", action="store_true", help="plain pre-copy on one channel")
+    p.add_argument("--transport", choices=("tcp", "unix"), default="unix")
+    p.add_argument("--downtime-limit", type=int, default=300, help="milliseconds (300)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.add_argument("--extract", metavar="DIR", type=Path, help="also write the RAM blocks")
     p.set_defaults(func=_demo)
     return parser
 

@@ -1,0 +1,96 @@
+"""Live progress and the final summary of a migration, drawn with rich."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+
+def human(n: float) -> str:
+    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if abs(n) >= 1 << shift:
+            return f"{n / (1 << shift):.1f} {unit}"
+    return f"{int(n)} B"
+
+
+def progress_table(info: dict[str, Any]) -> Table:
+    """One line of figures, refreshed while the migration runs."""
+    ram = info.get("ram", {})
+    table = Table(box=None, show_edge=False)
+    for column in (
+        "status",
+        "round",
+        "sent",
+        "remaining",
+        "throughput",
+        "dirty rate",
+        "expected downtime",
+    ):
+        table.add_column(column, justify="right")
+    table.add_row(
+        info.get("status", "?"),
+        str(info.get("x-rounds", 0)),
+        human(ram.get("transferred", 0)),
+        human(ram.get("remaining", 0)),
+        f"{ram.get('mbps', 0) / 8000:.2f} GB/s",
+        f"{human(ram.get('dirty-pages-rate', 0) * 4096)}/s",
+        f"{info.get('expected-downtime', 0)} ms",
+    )
+    return table
+
+
+def render_summary(result: dict[str, Any], downtime_limit: int, console: Console) -> None:
+    """The final table: time, downtime against the limit, throughput, channels."""
+    ram = result.get("ram", {})
+    total_s = max(result.get("total-time", 0), 1) / 1000
+    summary = Table(title="migration", title_justify="left", show_header=False)
+    summary.add_column()
+    summary.add_column(justify="right")
+    summary.add_row("status", result["status"])
+    if "error-desc" in result:
+        summary.add_row("error", result["error-desc"])
+    summary.add_row("total time", f"{result.get('total-time', 0)} ms")
+    summary.add_row("setup time", f"{result.get('setup-time', 0)} ms")
+    downtime = result.get("downtime")
+    if downtime is not None:
+        verdict = "within" if downtime <= downtime_limit else "OVER"
+        summary.add_row(
+            "downtime (source)", f"{downtime} ms ({verdict} the {downtime_limit} ms limit)"
+        )
+    dest = result.get("destination", {})
+    if dest.get("downtime") is not None:
+        summary.add_row("downtime (stop → resume)", f"{dest['downtime']} ms")
+    summary.add_row("transferred", human(ram.get("transferred", 0)))
+    summary.add_row("throughput", f"{ram.get('transferred', 0) / total_s / 1e9:.2f} GB/s")
+    summary.add_row("rounds", str(result.get("x-rounds", 0)))
+    summary.add_row("dirty syncs", str(ram.get("dirty-sync-count", 0)))
+    summary.add_row("pages", f"{ram.get('normal', 0)} normal, {ram.get('duplicate', 0)} zero")
+    trackers = result.get("x-dirty-tracker", {})
+    if trackers:
+        summary.add_row("dirty tracker", ", ".join(sorted(set(trackers.values()))))
+    if result.get("cpu-throttle-percentage"):
+        summary.add_row("auto-converge throttle", f"{result['cpu-throttle-percentage']} %")
+    if "memory_identical" in result:
+        summary.add_row(
+            "memory identical",
+            "[green]yes[/]" if result["memory_identical"] else "[bold red]NO[/]",
+        )
+    console.print(summary)
+    channels = result.get("x-multifd-channels", [])
+    if channels:
+        table = Table(title="multifd channels", title_justify="left")
+        for column in ("id", "packets", "SYNC", "pages", "bytes", "busy", "error"):
+            table.add_column(column, justify="right")
+        for c in channels:
+            table.add_row(
+                str(c["id"]),
+                str(c["packets"]),
+                str(c["sync-packets"]),
+                str(c["pages"]),
+                human(c["bytes"]),
+                f"{c['busy-ms']} ms",
+                c["error"] or "",
+            )
+        console.print(table)
