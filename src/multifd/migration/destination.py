@@ -31,6 +31,7 @@ from ..wire import (
     MultifdFlush,
     PacketLayout,
     Page,
+    RamBlockEntry,
     VMCommand,
     VMDescription,
     WireError,
@@ -47,12 +48,16 @@ from .stats import MigrationAborted, RamStats
 from .tls_settings import tls_config
 
 Event = Callable[[str, dict[str, Any]], None]
+# Makes the destination's blocks from the source's block list, when the
+# destination cannot know them in advance (saving a QEMU VM to files).
+BlockProvider = Callable[[Sequence[RamBlockEntry]], Sequence[RAMBlock]]
 
 
 class MigrationDestination:
     """Receives a migration into `blocks` (same names and sizes as the source's).
 
-    `on_resume(state)` is called with the application's state (bytes, or None
+    `blocks` may instead be a function that makes them from the source's
+    block list. `on_resume(state)` is called with the application's state (bytes, or None
     when the source sent none) once all memory has landed. `machine_type`, when
     given, must equal the source's. `device_state` collects the opaque device
     sections of a QEMU source.
@@ -60,7 +65,7 @@ class MigrationDestination:
 
     def __init__(
         self,
-        blocks: Sequence[RAMBlock],
+        blocks: Sequence[RAMBlock] | BlockProvider,
         *,
         capabilities: Mapping[str, bool] | None = None,
         parameters: Mapping[str, Any] | None = None,
@@ -69,6 +74,10 @@ class MigrationDestination:
         machine_type: str | None = None,
         uuid: bytes = bytes(16),
     ) -> None:
+        self._provider: BlockProvider | None = None
+        if callable(blocks):
+            self._provider = blocks
+            blocks = []
         self.blocks = {b.name: b for b in blocks}
         if len(self.blocks) != len(blocks):
             raise ValueError(f"RAM block names must be unique: {[b.name for b in blocks]}")
@@ -76,7 +85,7 @@ class MigrationDestination:
         self.machine_type = machine_type
         self.uuid = bytes(uuid)
         self._on_resume = on_resume
-        self._on_event = on_event
+        self.on_event = on_event  # may be set later, e.g. by a QMP server
         self.state = MigrationState(self._status_changed)
         self._lock = threading.Lock()
         self._cancel = threading.Event()
@@ -194,8 +203,8 @@ class MigrationDestination:
         self.vmdesc: bytes | None = None
 
     def _status_changed(self, status: MigrationStatus) -> None:
-        if self._on_event is not None and self.settings.capability("events"):
-            self._on_event("MIGRATION", {"status": status.value})
+        if self.on_event is not None and self.settings.capability("events"):
+            self.on_event("MIGRATION", {"status": status.value})
 
     def _fail(self, message: str) -> None:
         # After cancel, broken sockets are its consequence, not an error.
@@ -334,6 +343,9 @@ class MigrationDestination:
             )
 
     def _check_blocks(self, mem_size: MemSize) -> None:
+        if self._provider is not None:
+            self.blocks = {b.name: b for b in self._provider(mem_size.blocks)}
+            self.ram.total = mem_size.total
         for entry in mem_size.blocks:
             block = self.blocks.get(entry.name)
             if block is None:

@@ -90,7 +90,7 @@ class MigrationSource:
         self._on_resume = on_resume
         self._save_state = save_state
         self._throttle = throttle
-        self._on_event = on_event
+        self.on_event = on_event  # may be set later, e.g. by a QMP server
         self.state = MigrationState(self._status_changed)
         self._thread: threading.Thread | None = None
         self._cancel = threading.Event()
@@ -211,8 +211,8 @@ class MigrationSource:
         self._main: QEMUFileWriter | None = None
 
     def _status_changed(self, status: MigrationStatus) -> None:
-        if self._on_event is not None and self.settings.capability("events"):
-            self._on_event("MIGRATION", {"status": status.value})
+        if self.on_event is not None and self.settings.capability("events"):
+            self.on_event("MIGRATION", {"status": status.value})
 
     def _fail(self, message: str) -> None:
         # After cancel, broken sockets are its consequence, not an error.
@@ -441,8 +441,8 @@ class MigrationSource:
         self._main.flush()
 
     def _pass_event(self) -> None:
-        if self._on_event is not None and self.settings.capability("events"):
-            self._on_event("MIGRATION_PASS", {"pass": self.ram.dirty_sync_count})
+        if self.on_event is not None and self.settings.capability("events"):
+            self.on_event("MIGRATION_PASS", {"pass": self.ram.dirty_sync_count})
 
     # -- the one way out --------------------------------------------------------
 
