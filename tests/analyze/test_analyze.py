@@ -144,10 +144,3 @@ def test_folder_without_main_channel_is_refused(
     err = capsys.readouterr().err
     assert "no conn0.bin or conn0.bin.xz (the main channel)" in err
     assert str(tmp_path) in err
-
-
-def test_demo_decodes_the_bundled_recording(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["demo", "--json"]) == 0
-    out = json.loads(capsys.readouterr().out)
-    assert out["multifd_channels"] == 4
-    assert out["ram"]["normal"] == 8820

@@ -374,21 +374,20 @@ class _Replay:
         if not self.channels:
             return
         streams = [c.segment(self.blocks, label) for c in self.channels if not c.dead]
-        # 7.2 repeats the last page of a full packet at the head of the next one;
-        # QEMU counts it once, so do we.
-        tails: dict[tuple[str, int], bytes] = {}
+        # A QEMU 7.2 source sends the last page of a full packet again at the
+        # head of a later packet of the same segment (read again from guest
+        # memory, so the bytes may differ); QEMU counts it once, so do we.
+        tails: set[tuple[str, int]] = set()
         for delivery in heapq.merge(*streams, key=lambda d: d.packet_num):
             self.round.multifd_packets += 1
             self.round.zero_pages += len(delivery.zero_offsets)
             count = len(delivery.offsets)
             if count:
-                head = (delivery.block, int(delivery.offsets[0]))
-                if tails.get(head) == delivery.pages[0].tobytes():
+                if (delivery.block, int(delivery.offsets[0])) in tails:
                     self.round.repeated_pages += 1
                     count -= 1
                 if len(delivery.offsets) == PAGES_PER_PACKET:
-                    tail = (delivery.block, int(delivery.offsets[-1]))
-                    tails[tail] = delivery.pages[-1].tobytes()
+                    tails.add((delivery.block, int(delivery.offsets[-1])))
             self.round.normal_pages += count
             if self.images is not None:
                 self.images.write(delivery.block, delivery.offsets, delivery.pages)

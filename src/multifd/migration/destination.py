@@ -32,6 +32,7 @@ from ..wire import (
     PacketLayout,
     Page,
     RamBlockEntry,
+    SectionStart,
     VMCommand,
     VMDescription,
     WireError,
@@ -178,7 +179,8 @@ class MigrationDestination:
             info["error-desc"] = self.state.error
         stats = self._receiver.stats if self._receiver is not None else self._last_channel_stats
         ram = self.ram.to_json(sum(c.bytes for c in stats))
-        ram["normal"] += sum(c.pages for c in stats)
+        repeated = self._receiver.repeated if self._receiver is not None else self._repeated
+        ram["normal"] += sum(c.pages for c in stats) - repeated
         ram["normal-bytes"] = ram["normal"] * TARGET_PAGE_SIZE
         info["ram"] = ram
         info["x-rounds"] = self._rounds
@@ -201,6 +203,8 @@ class MigrationDestination:
         self.device_state: list[DeviceState] = []
         self.app_state: AppState | None = None
         self.vmdesc: bytes | None = None
+        self.ram_section_id: int | None = None
+        self._repeated = 0
 
     def _status_changed(self, status: MigrationStatus) -> None:
         if self.on_event is not None and self.settings.capability("events"):
@@ -261,8 +265,11 @@ class MigrationDestination:
             if self._cancel.is_set() or self.state.error is not None:
                 raise MigrationAborted
             if isinstance(record, ZeroPage):
-                offset = record.offset
-                arrays[record.block][offset : offset + TARGET_PAGE_SIZE] = record.fill
+                page = arrays[record.block][record.offset : record.offset + TARGET_PAGE_SIZE]
+                # As QEMU: a page already zero is left alone, so fresh memory and
+                # sparse files are not touched (reading a hole allocates nothing).
+                if record.fill or page.any():
+                    page[:] = record.fill
                 self.ram.duplicate += 1
             elif isinstance(record, Page | CompressedPage):
                 data = record.data if isinstance(record, Page) else record.decompress()
@@ -288,6 +295,9 @@ class MigrationDestination:
                 self._sync(f"the flush in round {self._rounds}")
             elif isinstance(record, MemSize):
                 self._check_blocks(record)
+                arrays = {name: block.array for name, block in self.blocks.items()}
+            elif isinstance(record, SectionStart) and not record.full:
+                self.ram_section_id = record.section_id
             elif isinstance(record, Configuration):
                 self._check_configuration(record, settings)
             elif isinstance(record, DeviceState):
@@ -312,6 +322,7 @@ class MigrationDestination:
             receiver, self._receiver = self._receiver, None
         if receiver is not None:
             self._last_channel_stats = receiver.stats
+            self._repeated = receiver.repeated
             receiver.close()
         self.ram.main_bytes = connections.main.bytes_read
         resumed_ns = time.time_ns()

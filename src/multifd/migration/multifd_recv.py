@@ -17,6 +17,7 @@ import numpy as np
 from ..channels import Channel, ChannelEOFError, ChannelError
 from ..wire import (
     PACKET_HEADER_SIZE,
+    PAGES_PER_PACKET,
     TARGET_PAGE_SIZE,
     Compression,
     MultiFDPacket,
@@ -37,6 +38,10 @@ class _RecvChannel:
         self.synced = 0  # SYNC packets reached
         self.released = 0  # syncs the migration thread has let past
         self.ended = False  # the peer closed the stream at a packet boundary
+        # First pages of this segment's packets and last pages of its full ones:
+        # (packet_num, block, offset), to count QEMU 7.2's repeats (see `sync`).
+        self.heads: list[tuple[int, str, int]] = []
+        self.tails: list[tuple[int, str, int]] = []
         self.thread: threading.Thread | None = None
 
 
@@ -60,6 +65,7 @@ class MultifdReceiver:
         # name → (used_length, writable uint8 array); set from MEM_SIZE.
         self._blocks: dict[str, tuple[int, np.ndarray]] = {}
         self.channels = [_RecvChannel(ch, i, compression) for i, ch in enumerate(channels)]
+        self.repeated = 0  # pages counted once although received twice (7.2 quirk)
 
     def set_blocks(self, blocks: Mapping[str, np.ndarray]) -> None:
         """The destination's blocks by name, once MEM_SIZE has been checked."""
@@ -93,6 +99,7 @@ class MultifdReceiver:
                 if all(rc.synced >= target for rc in self.channels):
                     break
                 self._cond.wait()
+            self.repeated += self._count_repeats()
             for rc in self.channels:
                 rc.released = target
             self._cond.notify_all()
@@ -115,6 +122,24 @@ class MultifdReceiver:
                 rc.thread.join()
         for rc in self.channels:
             rc.channel.close()
+
+    def _count_repeats(self) -> int:
+        """QEMU 7.2 sources send the last page of a full packet again at the head
+        of a later packet of the same segment (read again, so its bytes may have
+        changed); QEMU counts it once in `normal`, so we do too. Called with
+        every channel parked at a SYNC."""
+        tails: dict[tuple[str, int], int] = {}
+        for rc in self.channels:
+            for num, block, offset in rc.tails:
+                tails.setdefault((block, offset), num)
+        repeats = 0
+        for rc in self.channels:
+            for num, block, offset in rc.heads:
+                first = tails.get((block, offset))
+                repeats += first is not None and first < num
+            rc.heads.clear()
+            rc.tails.clear()
+        return repeats
 
     @property
     def stats(self) -> list[ChannelStats]:
@@ -172,6 +197,17 @@ class MultifdReceiver:
                     return False
         return True
 
+    def _note_ends(
+        self,
+        rc: _RecvChannel,
+        packet: MultiFDPacket,
+        name: str,
+        offsets: np.ndarray,
+    ) -> None:
+        rc.heads.append((packet.packet_num, name, int(offsets[0])))
+        if packet.normal_pages == PAGES_PER_PACKET:
+            rc.tails.append((packet.packet_num, name, int(offsets[-1])))
+
     def _pages(self, rc: _RecvChannel, packet: MultiFDPacket, where: Where) -> None:
         lengths = {name: length for name, (length, _) in self._blocks.items()}
         name, offsets = packet.check_pages(lengths, self._compression, where)
@@ -196,6 +232,7 @@ class MultifdReceiver:
                 pages = np.frombuffer(data, dtype=np.uint8).reshape(normal, TARGET_PAGE_SIZE)
                 _scatter(array, data_offsets, pages, aligned)
             rc.stats.pages += normal
+            self._note_ends(rc, packet, name, data_offsets)
         for offset in zero_offsets.tolist():
             array[offset : offset + TARGET_PAGE_SIZE] = 0
 

@@ -76,6 +76,9 @@ class MigrationSource:
         on_event: Event | None = None,
         machine_type: str = DEFAULT_MACHINE_TYPE,
         uuid: bytes = bytes(16),
+        configuration: Configuration | None = None,
+        device_state: bytes | None = None,
+        ram_section_id: int = RAM_SECTION_ID,
     ) -> None:
         names = [b.name for b in blocks]
         if not blocks:
@@ -86,6 +89,11 @@ class MigrationSource:
         self.settings = MigrationSettings(capabilities, parameters)
         self.machine_type = machine_type
         self.uuid = bytes(uuid)
+        # A QEMU VM's own configuration and device sections (restoring a
+        # snapshot into a real QEMU) replace ours, byte for byte.
+        self._configuration = configuration
+        self._device_state = device_state
+        self._ram_section_id = ram_section_id
         self._on_stop = on_stop
         self._on_resume = on_resume
         self._save_state = save_state
@@ -249,7 +257,7 @@ class MigrationSource:
         channels = settings.parameter("multifd-channels") if multifd else 0
         profile = PROFILES[settings.parameter("x-stream-profile")]
         self._layout = PacketLayout.V9_0 if profile.zero_pages_in_packets else PacketLayout.V7_2
-        config = Configuration.build(
+        config = self._configuration or Configuration.build(
             self.machine_type, uuid=self.uuid if settings.capability("validate-uuid") else None
         )
         header = FileHeader().pack() + config.pack()
@@ -293,7 +301,7 @@ class MigrationSource:
 
         # Setup section: the block list, one sync, EOS (QEMU's ram_save_setup).
         mem_size = MemSize(tuple(RamBlockEntry(b.name, b.used_length) for b in self.blocks))
-        self._main.write(SectionStart(RAM_SECTION_ID, "ram", 0, 4).pack() + mem_size.pack())
+        self._main.write(SectionStart(self._ram_section_id, "ram", 0, 4).pack() + mem_size.pack())
         self._end_section()
         self._setup_time = time.monotonic() - self._start_time
         return trackers
@@ -306,7 +314,7 @@ class MigrationSource:
             self._round += 1
             started = time.monotonic()
             sent_before = self._bytes_sent()
-            self._main.write(SectionPart(RAM_SECTION_ID).pack())
+            self._main.write(SectionPart(self._ram_section_id).pack())
             self._send_pages(settings, dirty, started)
             self._end_section()
             elapsed = max(time.monotonic() - started, 1e-6)
@@ -358,17 +366,20 @@ class MigrationSource:
         self.ram.dirty_sync_count += 1
         self._pass_event()
         sent_before = self._bytes_sent()
-        self._main.write(SectionPart(RAM_SECTION_ID, end=True).pack())
+        self._main.write(SectionPart(self._ram_section_id, end=True).pack())
         self._send_pages(settings, dirty, None)
         self._end_section()
-        state = AppState(self._save_state() if self._save_state else b"", stop_ns)
-        self._main.write(
-            state.header(APP_STATE_SECTION_ID).pack()
-            + state.body()
-            + SectionFooter(APP_STATE_SECTION_ID).pack()
-            + EndOfFile().pack()
-            + vmdescription([state.vmdesc_entry()]).pack()
-        )
+        if self._device_state is not None:
+            self._main.write(self._device_state)
+        else:
+            state = AppState(self._save_state() if self._save_state else b"", stop_ns)
+            self._main.write(
+                state.header(APP_STATE_SECTION_ID).pack()
+                + state.body()
+                + SectionFooter(APP_STATE_SECTION_ID).pack()
+                + EndOfFile().pack()
+                + vmdescription([state.vmdesc_entry()]).pack()
+            )
         self._main.flush()
         self.ram.downtime_bytes = self._bytes_sent() - sent_before
         self.ram.remaining = 0
@@ -437,7 +448,7 @@ class MigrationSource:
         """Sync every channel, then EOS and the footer: the round's sync point."""
         if self._sender is not None:
             self._sender.sync()
-        self._main.write(EndOfSection().pack() + SectionFooter(RAM_SECTION_ID).pack())
+        self._main.write(EndOfSection().pack() + SectionFooter(self._ram_section_id).pack())
         self._main.flush()
 
     def _pass_event(self) -> None:

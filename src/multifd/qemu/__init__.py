@@ -1,0 +1,1 @@
+"""Working with a real QEMU: snapshots of a running VM's migration, and helpers."""

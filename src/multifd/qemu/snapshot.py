@@ -1,0 +1,319 @@
+"""A running QEMU VM to a snapshot folder and back, through multifd migration.
+
+`save` receives a real QEMU's live migration with a Python destination whose
+RAM blocks are sparse files in the folder; the device state and configuration
+are kept byte for byte. `restore` feeds a folder into a QEMU started with
+`-incoming defer`, with a Python source sending the blocks over multifd.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from .. import __version__
+from ..analyze.replay import block_file_name
+from ..memory import RAMBlock
+from ..migration.destination import MigrationDestination
+from ..migration.source import MigrationSource
+from ..wire import BufferSource, RamBlockEntry, Reader, SectionFooter, WireError
+from ..wire.stream import Configuration, EndOfFile, VMDescription, read_configuration
+from .qmp import QMPConnection, QMPError
+
+MANIFEST = "manifest.json"
+CONFIGURATION_FILE = "configuration.bin"
+DEVICE_STATE_FILE = "device-state.bin"
+FORMAT = 1
+# What QEMU's own tests use for "as fast as it goes" (max-bandwidth 0 is not
+# unlimited on every version).
+UNLIMITED_BANDWIDTH = 100 << 30
+POLL = 0.05
+
+Progress = Callable[[dict[str, Any], dict[str, Any]], None]
+
+
+class SnapshotError(RuntimeError):
+    """A save or restore that cannot go on; the message says why."""
+
+
+def _uuid(qemu: QMPConnection) -> bytes:
+    text = qemu.execute("query-uuid")["UUID"]
+    return bytes.fromhex(text.replace("-", ""))
+
+
+def _machine_type(qemu: QMPConnection) -> str:
+    # qom type names end in "-machine": "pc-i440fx-7.2-machine".
+    name = qemu.execute("qom-get", {"path": "/machine", "property": "type"})
+    return name.removesuffix("-machine")
+
+
+def _base_memory(qemu: QMPConnection) -> int:
+    return int(qemu.execute("query-memory-size-summary")["base-memory"])
+
+
+def _configure(qemu: QMPConnection, channels: int, compression: str, source: bool) -> None:
+    qemu.execute(
+        "migrate-set-capabilities",
+        {"capabilities": [{"capability": "multifd", "state": True}]},
+    )
+    parameters: dict[str, Any] = {
+        "multifd-channels": channels,
+        "multifd-compression": compression,
+    }
+    if source:
+        parameters["max-bandwidth"] = UNLIMITED_BANDWIDTH
+    qemu.execute("migrate-set-parameters", parameters)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def save(
+    qmp: str,
+    folder: str | Path,
+    *,
+    channels: int = 2,
+    compression: str = "none",
+    progress: Progress | None = None,
+    timeout: float = 600.0,
+) -> dict[str, Any]:
+    """Migrate the QEMU at `qmp` into `folder`; returns the manifest written there."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    if (folder / MANIFEST).exists():
+        raise SnapshotError(f"{folder} already holds a snapshot ({MANIFEST}); use a new folder")
+    blocks: list[RAMBlock] = []
+
+    def make_blocks(entries: Sequence[RamBlockEntry]) -> list[RAMBlock]:
+        for entry in entries:
+            path = folder / block_file_name(entry.name)
+            blocks.append(RAMBlock.from_file(entry.name, path, entry.used_length, create=True))
+        return blocks
+
+    with QMPConnection(qmp) as qemu, tempfile.TemporaryDirectory(prefix="multifd-") as tmp:
+        version = qemu.execute("query-version")
+        status = qemu.execute("query-status")["status"]
+        if status in ("inmigrate", "postmigrate", "finish-migrate"):
+            raise SnapshotError(f"QEMU at {qmp} cannot be saved: its status is {status!r}")
+        base_memory = _base_memory(qemu)
+        destination = MigrationDestination(
+            make_blocks,
+            capabilities={"multifd": True},
+            parameters={"multifd-channels": channels, "multifd-compression": compression},
+            uuid=_uuid(qemu),
+        )
+        try:
+            _configure(qemu, channels, compression, source=True)
+            uri = destination.incoming(f"unix:{tmp}/save.sock")
+            qemu.execute("migrate", {"uri": uri})
+            qemu_info = _wait_both(qemu, destination, progress, timeout)
+            ours = destination.wait(timeout)
+        finally:
+            destination.cancel()
+            for block in blocks:
+                block.close()
+        if qemu_info.get("status") != "completed" or ours["status"] != "completed":
+            raise SnapshotError(
+                "migration did not complete: QEMU "
+                f"{qemu_info.get('status')} ({qemu_info.get('error-desc', 'no error')}), "
+                f"destination {ours['status']} ({ours.get('error-desc', 'no error')})"
+            )
+    assert destination.configuration is not None and destination.ram_section_id is not None
+    (folder / CONFIGURATION_FILE).write_bytes(destination.configuration.pack())
+    device_state = (
+        b"".join(
+            record.pack() + SectionFooter(record.header.section_id).pack()
+            for record in destination.device_state
+        )
+        + EndOfFile().pack()
+    )
+    if destination.vmdesc is not None:
+        device_state += VMDescription(destination.vmdesc).pack()
+    (folder / DEVICE_STATE_FILE).write_bytes(device_state)
+    manifest = {
+        "format": FORMAT,
+        "created-by": f"multifd {__version__}",
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "qemu-version": version,
+        "machine-type": destination.configuration.machine_type,
+        "base-memory": base_memory,
+        "ram-section-id": destination.ram_section_id,
+        "channels": channels,
+        "compression": compression,
+        "blocks": [
+            {
+                "name": block.name,
+                "used_length": block.used_length,
+                "file": block_file_name(block.name),
+                "sha256": _sha256(folder / block_file_name(block.name)),
+            }
+            for block in blocks
+        ],
+        "device-sections": [r.header.idstr for r in destination.device_state],
+        "query-migrate": qemu_info,
+        "destination": ours,
+    }
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    return manifest
+
+
+def _wait_both(
+    qemu: QMPConnection,
+    destination: MigrationDestination,
+    progress: Progress | None,
+    timeout: float,
+) -> dict[str, Any]:
+    """Poll QEMU and our destination until QEMU's migration has ended."""
+    deadline = time.monotonic() + timeout
+    while True:
+        info = qemu.execute("query-migrate")
+        ours = destination.query()
+        if progress is not None:
+            progress(info, ours)
+        if info.get("status") in ("completed", "failed", "cancelled"):
+            return info
+        if ours["status"] in ("failed", "cancelled"):
+            # Our side gave up: stop QEMU too, so it does not wait forever.
+            qemu.execute("migrate_cancel")
+        if time.monotonic() > deadline:
+            qemu.execute("migrate_cancel")
+            raise SnapshotError(f"QEMU did not finish migrating within {timeout:g} s")
+        time.sleep(POLL)
+
+
+def load_manifest(folder: Path) -> dict[str, Any]:
+    path = folder / MANIFEST
+    try:
+        manifest = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise SnapshotError(f"{folder} is not a snapshot: {MANIFEST} is missing") from None
+    except ValueError as exc:
+        raise SnapshotError(f"{path}: not valid JSON ({exc})") from None
+    if manifest.get("format") != FORMAT:
+        raise SnapshotError(f"{path}: format {manifest.get('format')!r}, expected {FORMAT}")
+    return manifest
+
+
+def restore(
+    folder: str | Path,
+    qmp: str,
+    *,
+    channels: int | None = None,
+    progress: Progress | None = None,
+    timeout: float = 600.0,
+) -> dict[str, Any]:
+    """Feed the snapshot in `folder` to the QEMU at `qmp` (started with
+    `-incoming defer`); returns QEMU's final query-migrate and query-status."""
+    folder = Path(folder)
+    manifest = load_manifest(folder)
+    channels = channels or manifest["channels"]
+    raw_config = (folder / CONFIGURATION_FILE).read_bytes()
+    reader = Reader(BufferSource(raw_config[1:]))
+    try:
+        configuration, _ = read_configuration(reader)
+    except WireError as exc:
+        raise SnapshotError(f"{folder / CONFIGURATION_FILE}: {exc}") from None
+    device_state = (folder / DEVICE_STATE_FILE).read_bytes()
+    with QMPConnection(qmp) as qemu, tempfile.TemporaryDirectory(prefix="multifd-") as tmp:
+        status = qemu.execute("query-status")["status"]
+        if status != "inmigrate":
+            raise SnapshotError(
+                f"QEMU at {qmp} is not waiting for an incoming migration (status {status!r}): "
+                "start it with -incoming defer"
+            )
+        _check_destination(qemu, manifest, configuration)
+        _configure(qemu, channels, "none", source=False)
+        uri = f"unix:{tmp}/restore.sock"
+        qemu.execute("migrate-incoming", {"uri": uri})
+        blocks = [
+            RAMBlock.from_file(b["name"], folder / b["file"], b["used_length"])
+            for b in manifest["blocks"]
+        ]
+        source = MigrationSource(
+            blocks,
+            capabilities={"multifd": True},
+            parameters={
+                "multifd-channels": channels,
+                "max-bandwidth": 0,
+                "x-dirty-tracker": "explicit",
+            },
+            configuration=configuration,
+            device_state=device_state,
+            ram_section_id=manifest["ram-section-id"],
+            uuid=_uuid(qemu),
+        )
+        try:
+            source.migrate(uri)
+            ours = _wait_source(qemu, source, progress, timeout)
+            info = _wait_qemu(qemu, timeout)
+        finally:
+            source.cancel()
+            source.wait()
+            for block in blocks:
+                block.close()
+        if ours["status"] != "completed" or info.get("status") != "completed":
+            raise SnapshotError(
+                f"restore did not complete: ours {ours['status']} "
+                f"({ours.get('error-desc', 'no error')}), QEMU {info.get('status')} "
+                f"({info.get('error-desc', 'no error')})"
+            )
+        return {"query-migrate": info, "source": ours, "query-status": qemu.execute("query-status")}
+
+
+def _check_destination(
+    qemu: QMPConnection, manifest: dict[str, Any], configuration: Configuration
+) -> None:
+    """Refuse a destination that cannot take this snapshot, before sending a byte."""
+    machine = _machine_type(qemu)
+    if machine != configuration.machine_type:
+        raise SnapshotError(
+            f"the destination's machine type is {machine!r} but the snapshot's is "
+            f"{configuration.machine_type!r}: start QEMU with -machine {configuration.machine_type}"
+        )
+    memory = _base_memory(qemu)
+    if memory != manifest["base-memory"]:
+        raise SnapshotError(
+            f"the destination has {memory >> 20} MiB of RAM but the snapshot "
+            f"{manifest['base-memory'] >> 20} MiB: start QEMU with -m "
+            f"{manifest['base-memory'] >> 20}M"
+        )
+
+
+def _wait_source(
+    qemu: QMPConnection, source: MigrationSource, progress: Progress | None, timeout: float
+) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while not source.state.wait_finished(POLL):
+        info = qemu.execute("query-migrate")
+        if progress is not None:
+            progress(info, source.query())
+        if info.get("status") == "failed":
+            source.cancel()
+        if time.monotonic() > deadline:
+            source.cancel()
+            raise SnapshotError(f"the restore did not finish within {timeout:g} s")
+    return source.wait()
+
+
+def _wait_qemu(qemu: QMPConnection, timeout: float) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        info = qemu.execute("query-migrate")
+        if info.get("status") in ("completed", "failed", "cancelled"):
+            return info
+        if time.monotonic() > deadline:
+            return info
+        time.sleep(POLL)
+
+
+__all__ = ["QMPError", "SnapshotError", "load_manifest", "restore", "save"]
