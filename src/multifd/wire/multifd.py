@@ -364,8 +364,9 @@ class MultiFDPacket:
             return "", np.empty(0, dtype=np.uint64)
         if self.compression_bits != compression.flag:
             raise WireError(
-                f"multifd: flags received {self.flags:#x} flags expected "
-                f"{compression.flag | (self.flags & PacketFlag.SYNC):#x} "
+                # QEMU compares and prints the compression bits alone.
+                f"multifd: flags received {self.compression_bits:#x} flags expected "
+                f"{compression.flag:#x} "
                 f"(multifd-compression is {compression.value})",
                 where=where.at(base + 8),
                 field="flags",

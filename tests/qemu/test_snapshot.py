@@ -1,0 +1,171 @@
+"""A live QEMU VM saved by a Python destination and restored by a Python source.
+
+The guest increments a byte in every page of [1 MiB, 100 MiB) forever; the
+snapshot and the restored VM must both hold its invariant, the restored VM
+must start from exactly the snapshot's memory and keep running.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from multifd.memory import RAMBlock
+from multifd.migration.destination import MigrationDestination
+from multifd.qemu.guest import TEST_END, check_counters, counters
+from multifd.qemu.launch import QemuVM
+from multifd.qemu.snapshot import SnapshotError, restore, save
+from multifd.wire import RamBlockEntry
+
+MEMORY = 150 << 20
+
+
+def _saved(tmp_path: Path, channels: int, compression: str) -> tuple[Path, dict]:
+    with QemuVM(tmp_path, "source") as vm:
+        vm.wait_for_serial(b"BB")
+        folder = tmp_path / "snapshot"
+        manifest = save(vm.qmp, folder, channels=channels, compression=compression)
+        with vm.connect() as qmp:
+            assert qmp.execute("query-migrate")["status"] == "completed"
+    return folder, manifest
+
+
+def _pmem(vm: QemuVM, path: Path, size: int) -> np.ndarray:
+    with vm.connect() as qmp:
+        qmp.execute("pmemsave", {"val": 0, "size": size, "filename": str(path)})
+    return np.fromfile(path, dtype=np.uint8)
+
+
+@pytest.mark.parametrize(
+    ("channels", "compression"),
+    [(1, "none"), (2, "none"), (4, "none"), (2, "zlib"), (2, "zstd")],
+)
+def test_save_and_restore_a_live_vm(tmp_path: Path, channels: int, compression: str) -> None:
+    folder, manifest = _saved(tmp_path, channels, compression)
+
+    # The snapshot: QEMU's own page counts, sparse block files, the invariant.
+    qemu_ram = manifest["query-migrate"]["ram"]
+    ours = manifest["destination"]["ram"]
+    assert ours["normal"] == qemu_ram["normal"]
+    assert ours["duplicate"] == qemu_ram["duplicate"]
+    assert manifest["machine-type"] == "pc-i440fx-7.2"
+    assert manifest["channels"] == channels and manifest["compression"] == compression
+    assert "globalstate" in manifest["device-sections"]
+    names = {b["name"] for b in manifest["blocks"]}
+    assert {"pc.ram", "pc.bios", "pc.rom"} <= names
+    ram_file = folder / "pc.ram"
+    assert ram_file.stat().st_size == MEMORY
+    assert ram_file.stat().st_blocks * 512 < MEMORY  # zero pages were not written
+    snapshot_ram = np.fromfile(ram_file, dtype=np.uint8)
+    assert check_counters(counters(snapshot_ram)) is None
+    assert json.loads((folder / "manifest.json").read_text()) == manifest
+
+    # Restored, paused (-S): memory exactly the snapshot's; then it runs on.
+    with QemuVM(tmp_path, "destination", incoming=True, extra=("-S",)) as vm:
+        result = restore(folder, vm.qmp, channels=channels)
+        assert result["query-migrate"]["status"] == "completed"
+        restored = _pmem(vm, tmp_path / "restored.bin", MEMORY)
+        assert np.array_equal(restored, snapshot_ram)
+        with vm.connect() as qmp:
+            qmp.execute("cont")
+            assert qmp.execute("query-status")["status"] == "running"
+        before = vm.serial.stat().st_size if vm.serial.exists() else 0
+        vm.wait_for_serial(b"B" * (before + 2))
+        with vm.connect() as qmp:
+            qmp.execute("stop")
+        later = counters(_pmem(vm, tmp_path / "later.bin", TEST_END))
+        assert check_counters(later) is None
+        assert not np.array_equal(later, counters(snapshot_ram))  # the guest kept going
+
+
+def test_restored_vm_runs_without_being_told(tmp_path: Path) -> None:
+    folder, _ = _saved(tmp_path, 2, "none")
+    with QemuVM(tmp_path, "destination", incoming=True) as vm:
+        result = restore(folder, vm.qmp)
+        assert result["query-status"]["status"] == "running"
+        vm.wait_for_serial(b"B")
+
+
+def test_restore_refuses_another_machine_type(tmp_path: Path) -> None:
+    folder, _ = _saved(tmp_path, 2, "none")
+    with QemuVM(tmp_path, "q35", incoming=True, machine="q35") as vm:
+        with pytest.raises(SnapshotError) as error:
+            restore(folder, vm.qmp)
+        assert "machine type is 'pc-q35-7.2'" in str(error.value)
+        assert "snapshot's is 'pc-i440fx-7.2'" in str(error.value)
+
+
+def test_restore_refuses_another_memory_size(tmp_path: Path) -> None:
+    folder, _ = _saved(tmp_path, 2, "none")
+    with QemuVM(tmp_path, "big", incoming=True, memory="256M") as vm:
+        with pytest.raises(SnapshotError) as error:
+            restore(folder, vm.qmp)
+        assert "has 256 MiB of RAM but the snapshot 150 MiB" in str(error.value)
+
+
+def _receive_from_qemu(
+    tmp_path: Path, qemu_parameters: dict, our_parameters: dict
+) -> tuple[dict, dict]:
+    """A QEMU source and a Python destination set up differently."""
+    blocks: list[RAMBlock] = []
+
+    def make(entries: Sequence[RamBlockEntry]) -> list[RAMBlock]:
+        blocks.extend(RAMBlock.anonymous(e.name, e.used_length) for e in entries)
+        return blocks
+
+    destination = MigrationDestination(
+        make, capabilities={"multifd": True}, parameters=our_parameters
+    )
+    try:
+        uri = destination.incoming(f"unix:{tmp_path}/in.sock")
+        with QemuVM(tmp_path, "source") as vm, vm.connect() as qmp:
+            qmp.execute(
+                "migrate-set-capabilities",
+                {"capabilities": [{"capability": "multifd", "state": True}]},
+            )
+            qmp.execute("migrate-set-parameters", qemu_parameters)
+            qmp.execute("migrate", {"uri": uri})
+            deadline = time.monotonic() + 60
+            while (info := qmp.execute("query-migrate"))["status"] not in (
+                "completed",
+                "failed",
+                "cancelled",
+            ):
+                if destination.state.status.finished:
+                    qmp.execute("migrate_cancel")
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+        ours = destination.wait(30)
+        return info, ours
+    finally:
+        destination.cancel()
+        for block in blocks:
+            block.close()
+
+
+def test_compression_mismatch_is_refused_with_the_flags(tmp_path: Path) -> None:
+    qemu, ours = _receive_from_qemu(
+        tmp_path,
+        {"multifd-channels": 2, "multifd-compression": "zlib"},
+        {"multifd-channels": 2, "multifd-compression": "none"},
+    )
+    assert qemu["status"] != "completed"
+    assert ours["status"] == "failed"
+    assert "flags received 0x2 flags expected 0x0" in ours["error-desc"]
+    assert "multifd-compression is none" in ours["error-desc"]
+
+
+def test_channel_count_mismatch_is_refused(tmp_path: Path) -> None:
+    qemu, ours = _receive_from_qemu(
+        tmp_path,
+        {"multifd-channels": 4},
+        {"multifd-channels": 2},
+    )
+    assert qemu["status"] != "completed", (qemu, ours)
+    assert ours["status"] == "failed", (qemu, ours)
+    assert "channel" in ours["error-desc"], (qemu, ours)
