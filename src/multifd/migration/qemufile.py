@@ -81,6 +81,10 @@ class QEMUFileReader:
         self._pos += n
         return data
 
+    def peek_buffered(self) -> memoryview:
+        """What is already read ahead, without waiting (see `ByteSource`)."""
+        return memoryview(self._buffer)[self._pos :]
+
     def read_to_eof(self, limit: int) -> bytes:
         rest = bytes(self._buffer[self._pos :])
         self._buffer.clear()

@@ -39,6 +39,7 @@ from .ram import (
     RamStreamState,
     XbzrlePage,
     ZeroPage,
+    ZeroPageRun,
 )
 from .reader import Reader
 from .source import BufferSource, ByteSource
@@ -108,6 +109,7 @@ __all__ = [
     "WireProfile",
     "XbzrlePage",
     "ZeroPage",
+    "ZeroPageRun",
     "read_init",
     "read_packet",
     "split_device_state",

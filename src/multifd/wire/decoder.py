@@ -214,6 +214,13 @@ class MainStreamDecoder:
         return self._device_tail()
 
     def _ram_record(self) -> RamRecord:
+        # A source that shows what it has buffered lets runs of zero pages be
+        # decoded at once (see ZeroPageRun); others get one record at a time.
+        peek = getattr(self.reader.source, "peek_buffered", None)
+        if peek is not None:
+            run = self.ram.read_zero_run(self.reader, peek())
+            if run is not None:
+                return run
         record = self.ram.read_record(self.reader)
         if isinstance(record, EndOfSection):
             self.state = State.FOOTER

@@ -44,6 +44,8 @@ class RamFlag(IntFlag):
 # Plain ints for the per-record path: IntFlag arithmetic costs microseconds.
 _ZERO, _MEM_SIZE, _PAGE, _EOS, _CONTINUE = 0x02, 0x04, 0x08, 0x10, 0x20
 _XBZRLE, _HOOK, _COMPRESS_PAGE, _FLUSH = 0x40, 0x80, 0x100, 0x200
+# One CONTINUE ZERO record: be64 offset|flags, then the fill byte.
+_ZERO_RECORD = np.dtype([("header", ">u8"), ("fill", "u1")])
 ENCODING_FLAG_XBZRLE = 0x01
 
 
@@ -96,6 +98,31 @@ class ZeroPage:
 
     def pack(self) -> bytes:
         return _page_header(_ZERO, self.block, self.offset, self.continued) + bytes([self.fill])
+
+
+@dataclass(frozen=True)
+class ZeroPageRun:
+    """Many CONTINUE ZERO records in a row (fill 0), decoded at once.
+
+    Not a record type of its own on the wire: the decoder emits it instead of
+    single `ZeroPage`s when it can see the records already buffered, so a
+    destination applies thousands of zero pages with one numpy operation.
+    """
+
+    block: str
+    offsets: np.ndarray  # byte offsets, uint64
+
+    def pack(self) -> bytes:
+        return encode_zero_pages(self.block, self.offsets, continued=True)
+
+    def __eq__(self, other: object) -> bool:
+        return (
+            isinstance(other, ZeroPageRun)
+            and other.block == self.block
+            and np.array_equal(other.offsets, self.offsets)
+        )
+
+    __hash__ = None  # type: ignore[assignment]
 
 
 @dataclass(frozen=True)
@@ -180,7 +207,15 @@ class MultifdFlush:
 
 
 RamRecord = (
-    MemSize | ZeroPage | Page | XbzrlePage | CompressedPage | Hook | EndOfSection | MultifdFlush
+    MemSize
+    | ZeroPage
+    | ZeroPageRun
+    | Page
+    | XbzrlePage
+    | CompressedPage
+    | Hook
+    | EndOfSection
+    | MultifdFlush
 )
 PageRecord = ZeroPage | Page | XbzrlePage | CompressedPage
 
@@ -256,6 +291,31 @@ class RamStreamState:
                 "compressed page length", length, f"1 to {MAX_COMPRESSED_PAGE}", reader.where
             )
         return CompressedPage(block, addr, reader.take(length, "compressed page"), continued)
+
+    def read_zero_run(self, reader: Reader, buffered: memoryview) -> ZeroPageRun | None:
+        """The CONTINUE ZERO records (fill 0) at the start of `buffered`, bytes
+        the source already holds, as one run; None if fewer than two are there."""
+        if self.last_block is None:
+            return None
+        count = len(buffered) // _ZERO_RECORD.itemsize
+        if count < 2:
+            return None
+        records = np.frombuffer(buffered, dtype=_ZERO_RECORD, count=count)
+        header = records["header"]
+        matches = ((header & np.uint64(FLAG_MASK)) == (_ZERO | _CONTINUE)) & (records["fill"] == 0)
+        run = count if matches.all() else int(np.argmin(matches))
+        if run < 2:
+            return None
+        offsets = header[:run] & ~np.uint64(FLAG_MASK)
+        limit = self.blocks[self.last_block]
+        beyond = np.flatnonzero(offsets >= limit)
+        if len(beyond):
+            # Consume up to the bad record so the error names its exact position.
+            first = int(beyond[0])
+            reader.take(first * _ZERO_RECORD.itemsize, "zero page records")
+            self._check_offset(reader, self.last_block, int(offsets[first]), reader.offset)
+        reader.take(run * _ZERO_RECORD.itemsize, "zero page records")
+        return ZeroPageRun(self.last_block, offsets.astype(np.uint64))
 
     def _check_offset(self, reader: Reader, block: str, addr: int, start: int) -> None:
         if addr >= self.blocks[block]:
@@ -359,9 +419,6 @@ def block_table(entries: Mapping[str, int] | MemSize) -> dict[str, int]:
     if isinstance(entries, MemSize):
         return {b.name: b.used_length for b in entries.blocks}
     return dict(entries)
-
-
-_ZERO_RECORD = np.dtype([("header", ">u8"), ("fill", "u1")])
 
 
 def encode_zero_pages(block: str, offsets: np.ndarray, *, continued: bool) -> bytes:

@@ -16,7 +16,9 @@ class ByteSource(Protocol):
     `read_exact` returns exactly `n` bytes or raises `EOFError` when the stream
     ends first. `read_to_eof` returns everything up to the end of the stream,
     raising `EOFError`-free; it refuses (raises `ValueError`) past `limit` bytes.
-    Only the main stream's opaque device state needs `read_to_eof`.
+    Only the main stream's opaque device state needs `read_to_eof`. A source
+    may also offer `peek_buffered() -> memoryview`, the bytes it already holds
+    (never blocking), which lets the decoder take runs of records at once.
     """
 
     def read_exact(self, n: int) -> bytes: ...
