@@ -1,0 +1,413 @@
+"""The QIOChannel analogue: one byte stream (socket, pipe or file) with exact reads,
+zero-copy vectored I/O, byte counters, a timeout, shutdown and close."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import select
+import signal
+import socket
+import ssl
+import stat
+import struct
+import subprocess
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from types import TracebackType
+
+from .errors import ChannelEOFError, ChannelError, ChannelTimeoutError, os_error_text
+from .tls import describe_ssl_error
+
+# Anything the buffer protocol accepts: bytes, bytearray, memoryview, numpy arrays…
+Buffer = bytes | bytearray | memoryview
+
+try:
+    IOV_MAX = os.sysconf("SC_IOV_MAX")
+except (ValueError, OSError):  # pragma: no cover - every Linux has it
+    IOV_MAX = 1024
+
+# A finished exec: command gets this long to exit after its pipe is closed before it
+# is killed; killing earlier could cut short a command still writing out the stream.
+EXEC_EXIT_TIMEOUT = 30.0
+
+_READ_CHUNK = 64 * 1024
+# struct linger {l_onoff = 1, l_linger = 0}: close() sends a reset.
+_LINGER_RESET = struct.pack("ii", 1, 0)
+
+
+class Channel:
+    """One migration stream: a socket (TCP, UNIX, TLS) or a file descriptor (pipe, file).
+
+    Implements the wire layer's `ByteSource`. Reads are exact: a short read loops,
+    and a stream that ends first raises `ChannelEOFError`. Writes are complete: a
+    partial write loops by advancing views, never by joining buffers. Every error
+    names the channel (`name`, e.g. "main channel", "channel 3").
+
+    Threads: one thread reads and one writes at a time; any thread may call
+    `shutdown()` to make blocked calls return. `close()` comes after the threads
+    using the channel are joined, and is idempotent.
+    """
+
+    def __init__(
+        self,
+        stream: socket.socket | int,
+        name: str,
+        *,
+        process: subprocess.Popen[bytes] | None = None,
+        timeout: float | None = None,
+    ) -> None:
+        """Own `stream`: a socket, or a file descriptor. A descriptor that is a socket
+        becomes a socket; a pipe or file is read and written with readv/writev.
+        `process` is the exec: command at the other end of a pipe, reaped on close."""
+        if isinstance(stream, int) and stat.S_ISSOCK(os.fstat(stream).st_mode):
+            stream = socket.socket(fileno=stream)
+        self.name = name
+        self.bytes_read = 0  # the stream offset of the next byte a caller reads
+        self.bytes_written = 0
+        self.exit_status: int | None = None  # exec: the command's exit status once closed
+        self._sock = stream if isinstance(stream, socket.socket) else None
+        self._fd = stream.fileno() if isinstance(stream, socket.socket) else stream
+        self._tls = isinstance(stream, ssl.SSLSocket)
+        self._process = process
+        # Bytes already taken off the stream (the listener reads the first four to
+        # tell channels apart) that the next reads return first. MSG_PEEK cannot do
+        # this job under TLS.
+        self._prefix = bytearray()
+        self._timeout: float | None = None
+        self._lock = threading.Lock()
+        self._shut = False
+        self._closed = False
+        self.timeout = timeout
+
+    def __repr__(self) -> str:
+        kind = "tls" if self._tls else "socket" if self._sock is not None else "fd"
+        state = " closed" if self._closed else ""
+        return (
+            f"<Channel {self.name!r} {kind}{state} read={self.bytes_read} "
+            f"written={self.bytes_written}>"
+        )
+
+    # ---- properties ------------------------------------------------------------
+
+    @property
+    def timeout(self) -> float | None:
+        """Seconds a single read or write may wait for progress; None waits forever."""
+        return self._timeout
+
+    @timeout.setter
+    def timeout(self, value: float | None) -> None:
+        self._timeout = value
+        if self._sock is not None:
+            self._sock.settimeout(value)
+        else:
+            # With a timeout a pipe must not block: a blocking pipe write waits until
+            # every byte is in, however long that takes. Without one, blocking I/O
+            # is simplest.
+            os.set_blocking(self._fd, value is None)
+
+    @property
+    def is_tls(self) -> bool:
+        return self._tls
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def peer_certificate(self) -> dict[str, object] | None:
+        """The peer's TLS certificate as `ssl.SSLSocket.getpeercert()` decodes it."""
+        if isinstance(self._sock, ssl.SSLSocket):
+            return self._sock.getpeercert()
+        return None
+
+    # ---- reading ---------------------------------------------------------------
+
+    def read_exact(self, n: int) -> bytes:
+        """Exactly `n` bytes, or `ChannelEOFError` if the stream ends first."""
+        buf = bytearray(n)
+        if n:
+            self._fill([memoryview(buf)], n)
+        return bytes(buf)
+
+    def readv_into(self, buffers: Sequence[bytearray | memoryview]) -> int:
+        """Fill every buffer completely, in order, straight from the stream
+        (recvmsg_into / readv); returns the byte count."""
+        views = [v for v in (memoryview(b).cast("B") for b in buffers) if len(v)]
+        total = sum(len(v) for v in views)
+        if total:
+            self._fill(views, total)
+        return total
+
+    def read_some_into(self, buffer: bytearray | memoryview) -> int:
+        """Read what the stream has now, at most `len(buffer)` bytes, waiting only
+        for the first; 0 at the end of the stream. Buffered readers use it."""
+        view = memoryview(buffer).cast("B")
+        if self._prefix:
+            n = min(len(view), len(self._prefix))
+            view[:n] = self._prefix[:n]
+            del self._prefix[:n]
+            self.bytes_read += n
+            return n
+        start = self.bytes_read
+        try:
+            if self._sock is None:
+                n = self._fd_io(os.readv, [view], select.POLLIN)
+            else:
+                n = self._sock.recv_into(view, len(view))
+        except TimeoutError:
+            raise ChannelTimeoutError(
+                self.name,
+                f"no data for {self._timeout:g} s at stream offset {start:#x}",
+                errno=errno.ETIMEDOUT,
+            ) from None
+        except OSError as exc:
+            raise self._failure(f"read failed at stream offset {start:#x}", exc) from exc
+        self.bytes_read += n
+        return n
+
+    def read_to_eof(self, limit: int) -> bytes:
+        """Everything up to the end of the stream; `ValueError` past `limit` bytes."""
+        start = self.bytes_read
+        data = bytearray(self._prefix)
+        self._prefix.clear()
+        view = memoryview(bytearray(_READ_CHUNK))
+        while len(data) <= limit:
+            n = self._recv_some([view], start, limit + 1, len(data))
+            if n == 0:
+                break
+            data += view[:n]
+        self.bytes_read = start + len(data)
+        if len(data) > limit:
+            raise ValueError(
+                f"{self.name}: more than {limit} bytes before the end of the stream "
+                f"(from stream offset {start:#x})"
+            )
+        return bytes(data)
+
+    def unread(self, data: bytes) -> None:
+        """Put bytes just read back in front of the stream, for the next read."""
+        self._prefix[:0] = data
+        self.bytes_read -= len(data)
+
+    def _fill(self, views: list[memoryview], total: int) -> None:
+        start = self.bytes_read
+        got = 0
+        if self._prefix:
+            n = _copy_into(views, self._prefix)
+            del self._prefix[:n]
+            got = n
+            views = _advance(views, n)
+        while views:
+            n = self._recv_some(views, start, total, got)
+            if n == 0:
+                self.bytes_read = start + got
+                if self._shut:
+                    raise ChannelError(
+                        self.name,
+                        f"shut down while reading ({got} of {total} bytes read at stream "
+                        f"offset {start:#x})",
+                        errno=errno.ECANCELED,
+                    )
+                raise ChannelEOFError(self.name, missing=total - got, wanted=total, offset=start)
+            got += n
+            views = _advance(views, n)
+        self.bytes_read = start + total
+
+    def _recv_some(self, views: list[memoryview], start: int, total: int, got: int) -> int:
+        try:
+            if self._sock is None:
+                return self._fd_io(os.readv, views, select.POLLIN)
+            if self._tls or len(views) == 1:
+                # SSLSocket has no recvmsg_into: TLS decrypts one buffer at a time.
+                flags = 0 if self._tls else socket.MSG_WAITALL
+                return self._sock.recv_into(views[0], len(views[0]), flags)
+            # MSG_WAITALL: one system call fills the whole list when data is flowing.
+            return self._sock.recvmsg_into(views[:IOV_MAX], 0, socket.MSG_WAITALL)[0]
+        except TimeoutError:
+            raise ChannelTimeoutError(
+                self.name,
+                f"no data for {self._timeout:g} s while reading {total} bytes at stream "
+                f"offset {start:#x} ({got} read)",
+                errno=errno.ETIMEDOUT,
+            ) from None
+        except OSError as exc:
+            raise self._failure(f"read failed at stream offset {start + got:#x}", exc) from exc
+
+    # ---- writing ---------------------------------------------------------------
+
+    def write_all(self, data: Buffer) -> int:
+        """Write all of `data`; returns its length."""
+        return self.writev_all([data])
+
+    def writev_all(self, buffers: Sequence[Buffer]) -> int:
+        """Write every buffer in order (sendmsg / writev), looping over partial
+        writes by advancing views: page buffers are never copied or joined."""
+        views = [v for v in (memoryview(b).cast("B") for b in buffers) if len(v)]
+        total = sum(len(v) for v in views)
+        while views:
+            n = self._send_some(views)
+            self.bytes_written += n
+            views = _advance(views, n)
+        return total
+
+    def _send_some(self, views: list[memoryview]) -> int:
+        try:
+            if self._sock is None:
+                return self._fd_io(os.writev, views, select.POLLOUT)
+            if self._tls:
+                # SSLSocket has no sendmsg; each buffer becomes TLS records of its own.
+                return self._sock.send(views[0])
+            return self._sock.sendmsg(views[:IOV_MAX])
+        except TimeoutError:
+            raise ChannelTimeoutError(
+                self.name,
+                f"could not write for {self._timeout:g} s at stream offset {self.bytes_written:#x}",
+                errno=errno.ETIMEDOUT,
+            ) from None
+        except OSError as exc:
+            raise self._failure(
+                f"write failed at stream offset {self.bytes_written:#x}", exc
+            ) from exc
+
+    # ---- helpers ---------------------------------------------------------------
+
+    def _fd_io(
+        self, call: Callable[[int, list[memoryview]], int], views: list[memoryview], event: int
+    ) -> int:
+        """readv/writev on a pipe or file; with a timeout the descriptor is non-blocking
+        and poll() waits for it (files are always ready)."""
+        while True:
+            try:
+                return call(self._fd, views[:IOV_MAX])
+            except BlockingIOError:
+                poller = select.poll()
+                poller.register(self._fd, event)
+                assert self._timeout is not None
+                if not poller.poll(self._timeout * 1000):
+                    raise TimeoutError from None
+
+    def _failure(self, what: str, exc: OSError) -> ChannelError:
+        detail = describe_ssl_error(exc) if isinstance(exc, ssl.SSLError) else os_error_text(exc)
+        if self._shut:
+            detail += " (the channel was shut down)"
+        if self._process is not None and self._process.poll() is not None:
+            detail += f" (exec: command exited with status {self._process.returncode})"
+        return ChannelError(self.name, f"{what}: {detail}", errno=exc.errno)
+
+    # ---- ending ----------------------------------------------------------------
+
+    def shutdown(self) -> None:
+        """Make blocked reads and writes in other threads return (with an error).
+
+        Sockets are shut down both ways; an exec: command is terminated. A plain
+        pipe or file cannot be interrupted; their reads do not block for long.
+        """
+        with self._lock:
+            if self._closed or self._shut:
+                return
+            self._shut = True
+            if self._sock is not None:
+                # socket.socket.shutdown, not SSLSocket.shutdown: the latter drops
+                # the TLS state that a reader blocked in another thread still uses.
+                with contextlib.suppress(OSError):
+                    socket.socket.shutdown(self._sock, socket.SHUT_RDWR)
+            elif self._process is not None and self._process.returncode is None:
+                # The command runs in its own process group (see transport.py):
+                # killing the group also stops what the shell started.
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self._process.pid, signal.SIGTERM)
+
+    def close(self, *, reset: bool = False) -> None:
+        """Release the socket or descriptor (and reap an exec: command). Idempotent.
+
+        `reset=True` abandons a TCP connection with a reset (SO_LINGER 0): after
+        shutdown() and a drained receive queue, a plain close leaves a peer that
+        is blocked writing into a full window waiting for one that never opens.
+        """
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        if self._sock is not None:
+            if reset and self._sock.family in (socket.AF_INET, socket.AF_INET6):
+                with contextlib.suppress(OSError):
+                    self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+            self._sock.close()
+        else:
+            os.close(self._fd)
+        if self._process is not None:
+            try:
+                self._process.wait(timeout=EXEC_EXIT_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self._process.pid, signal.SIGKILL)
+                self._process.wait()
+            self.exit_status = self._process.returncode
+
+    def __enter__(self) -> Channel:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+@dataclass
+class Connections:
+    """The channels of one migration: the main channel and the multifd channels by id."""
+
+    main: Channel
+    multifd: list[Channel] = field(default_factory=list)
+
+    @property
+    def all(self) -> list[Channel]:
+        return [self.main, *self.multifd]
+
+    def shutdown(self) -> None:
+        for channel in self.all:
+            channel.shutdown()
+
+    def close(self, *, reset: bool = False) -> None:
+        for channel in self.all:
+            channel.close(reset=reset)
+
+    def __enter__(self) -> Connections:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+def _copy_into(views: list[memoryview], data: bytearray) -> int:
+    """Copy from `data` into the views, in order; returns the bytes copied."""
+    done = 0
+    for view in views:
+        n = min(len(view), len(data) - done)
+        view[:n] = data[done : done + n]
+        done += n
+        if done == len(data):
+            break
+    return done
+
+
+def _advance(views: list[memoryview], n: int) -> list[memoryview]:
+    """The views still to transfer after `n` bytes went through."""
+    i = 0
+    while i < len(views) and n >= len(views[i]):
+        n -= len(views[i])
+        i += 1
+    rest = views[i:]
+    if n:
+        rest[0] = rest[0][n:]
+    return rest
