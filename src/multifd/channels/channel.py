@@ -301,8 +301,9 @@ class Channel:
     def shutdown(self) -> None:
         """Make blocked reads and writes in other threads return (with an error).
 
-        Sockets are shut down both ways; an exec: command is terminated. A plain
-        pipe or file cannot be interrupted; their reads do not block for long.
+        Sockets are shut down both ways; an exec: command's process group is
+        terminated. A pipe passed as fd: cannot be interrupted: give it a timeout
+        if a reader might block on it.
         """
         with self._lock:
             if self._closed or self._shut:

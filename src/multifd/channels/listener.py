@@ -149,7 +149,8 @@ class Listener:
             if self._closed:
                 raise ChannelError(
                     "listener",
-                    f"closed before every channel arrived on {self.uri} ({self._progress()})",
+                    f"closed on {self.uri} before the channels were handed over "
+                    f"({self._progress()})",
                     errno=errno.ECANCELED,
                 )
             raise ChannelTimeoutError(
@@ -188,6 +189,7 @@ class Listener:
                 end.close()
         for channel in owned:
             if channel is not None:
+                channel.shutdown()  # an exec: command is stopped, not waited for
                 channel.close()
 
     def __enter__(self) -> Listener:

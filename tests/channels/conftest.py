@@ -1,0 +1,181 @@
+"""Fixtures for the channels tests: a leak check after every test (threads, file
+descriptors, the port), owned background threads, listeners, TLS credentials."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trustme
+
+from multifd.channels import Listener, MigrationURI, TcpURI, UnixURI
+
+LEAK_GRACE = 1.0  # seconds a finished owner may take to let its threads go
+
+
+def _open_fds() -> dict[int, str]:
+    fds = {}
+    for name in os.listdir("/proc/self/fd"):
+        # The directory listing's own descriptor is gone by the time it is read.
+        with contextlib.suppress(OSError):
+            fds[int(name)] = os.readlink(f"/proc/self/fd/{name}")
+    return fds
+
+
+@pytest.fixture(autouse=True)
+def no_leaks() -> Iterator[None]:
+    """After every test: no thread and no file descriptor it started is left."""
+    threads_before = set(threading.enumerate())
+    fds_before = _open_fds()
+    yield
+    deadline = time.monotonic() + LEAK_GRACE
+    while True:
+        threads = [t for t in threading.enumerate() if t not in threads_before]
+        fds = {fd: target for fd, target in _open_fds().items() if fds_before.get(fd) != target}
+        if (not threads and not fds) or time.monotonic() > deadline:
+            break
+        time.sleep(0.01)
+    assert not threads, f"threads left running: {[t.name for t in threads]}"
+    assert not fds, f"file descriptors left open: {fds}"
+
+
+def assert_address_free(uri: MigrationURI) -> None:
+    """A new listener can take the address at once."""
+    if isinstance(uri, TcpURI):
+        Listener(uri).close()
+    elif isinstance(uri, UnixURI):
+        assert not os.path.exists(uri.path), f"{uri.path} was not removed"
+
+
+@pytest.fixture
+def listen() -> Iterator[Callable[..., Listener]]:
+    """Make listeners; at teardown they are closed and their addresses must be free."""
+    made: list[Listener] = []
+
+    def make(uri: str | MigrationURI, **options: Any) -> Listener:
+        listener = Listener(uri, **options)
+        made.append(listener)
+        return listener
+
+    yield make
+    for listener in made:
+        listener.close()
+    for listener in made:
+        assert_address_free(listener.uri)
+
+
+class Task:
+    """A callable running in a thread the test owns; `result()` joins it."""
+
+    def __init__(self, fn: Callable[..., Any], *args: Any) -> None:
+        self._value: Any = None
+        self._error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, args=(fn, *args), name="test-task")
+        self.thread.start()
+
+    def _run(self, fn: Callable[..., Any], *args: Any) -> None:
+        try:
+            self._value = fn(*args)
+        except BaseException as exc:
+            self._error = exc
+
+    def result(self, timeout: float = 10.0) -> Any:
+        self.thread.join(timeout)
+        assert not self.thread.is_alive(), "background task did not finish"
+        if self._error is not None:
+            raise self._error
+        return self._value
+
+
+@pytest.fixture
+def background() -> Iterator[Callable[..., Task]]:
+    """Start tasks in threads; every one is joined at teardown."""
+    tasks: list[Task] = []
+
+    def start(fn: Callable[..., Any], *args: Any) -> Task:
+        task = Task(fn, *args)
+        tasks.append(task)
+        return task
+
+    yield start
+    for task in tasks:
+        task.thread.join(10.0)
+        assert not task.thread.is_alive(), "background task still running at teardown"
+
+
+@pytest.fixture
+def unix_path(tmp_path: Path) -> str:
+    return str(tmp_path / "migrate.sock")
+
+
+@pytest.fixture
+def raw_connect() -> Iterator[Callable[[MigrationURI], socket.socket]]:
+    """Plain client sockets to a listener, for tests that play a misbehaving source;
+    closed at teardown."""
+    made: list[socket.socket] = []
+
+    def connect(uri: MigrationURI) -> socket.socket:
+        if isinstance(uri, TcpURI):
+            sock = socket.create_connection((uri.host, uri.port), timeout=10)
+        else:
+            assert isinstance(uri, UnixURI)
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(10)
+            sock.connect(uri.path)
+        made.append(sock)
+        return sock
+
+    yield connect
+    for sock in made:
+        sock.close()
+
+
+# ---- TLS: certificates made with trustme ---------------------------------------
+
+
+@pytest.fixture(scope="session")
+def ca() -> trustme.CA:
+    return trustme.CA()
+
+
+@pytest.fixture(scope="session")
+def other_ca() -> trustme.CA:
+    return trustme.CA()
+
+
+@pytest.fixture
+def creds(tmp_path: Path, ca: trustme.CA) -> Callable[..., Path]:
+    """Make QEMU-style x509 credentials directories (see `make` below)."""
+
+    def make(
+        name: str,
+        *,
+        trust: trustme.CA = ca,
+        server: trustme.CA | None = None,
+        client: trustme.CA | None = None,
+        server_names: tuple[str, ...] = ("localhost", "127.0.0.1", "::1"),
+        client_name: str = "source.example",
+    ) -> Path:
+        """A directory trusting `trust`, with a server certificate signed by
+        `server` and a client certificate signed by `client` (None: left out)."""
+        directory = tmp_path / name
+        directory.mkdir()
+        trust.cert_pem.write_to_path(directory / "ca-cert.pem")
+        if server is not None:
+            cert = server.issue_cert(*server_names)
+            cert.cert_chain_pems[0].write_to_path(directory / "server-cert.pem")
+            cert.private_key_pem.write_to_path(directory / "server-key.pem")
+        if client is not None:
+            cert = client.issue_cert(client_name, common_name=client_name)
+            cert.cert_chain_pems[0].write_to_path(directory / "client-cert.pem")
+            cert.private_key_pem.write_to_path(directory / "client-key.pem")
+        return directory
+
+    return make

@@ -1,0 +1,269 @@
+"""TLS on every channel from QEMU-style credentials made with trustme: matching
+certificates work; each wrong one fails with a message saying which check failed."""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import socket
+import time
+import uuid as uuid_module
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import trustme
+
+from multifd.channels import (
+    Channel,
+    ChannelError,
+    Listener,
+    MigrationURI,
+    TLSConfig,
+    TLSError,
+    certificate_subject,
+    connect_channels,
+)
+
+HEADER = b"QEVM\x00\x00\x00\x03"
+UUID = uuid_module.uuid4().bytes
+PAGE = 4096
+
+Creds = Callable[..., Path]
+
+
+def wait_for_refusal(listener: Listener, timeout: float = 10.0) -> str:
+    """A bounded wait: the refusal is recorded by the listener's handshake thread."""
+    deadline = time.monotonic() + timeout
+    while not listener.refusals:
+        assert time.monotonic() < deadline, "no refusal recorded"
+        time.sleep(0.005)
+    (refusal,) = listener.refusals
+    return refusal
+
+
+def try_connect(uri: MigrationURI, tls: TLSConfig | None, channels: int = 0) -> None:
+    """Connect and close. Under TLS 1.3 the client finishes its handshake before the
+    server has checked the client certificate, so this may succeed or fail with a
+    reset: the destination's refusal is where the reason is."""
+    with contextlib.suppress(ChannelError):
+        connect_channels(uri, header=HEADER, channels=channels, uuid=UUID, tls=tls).close()
+
+
+@pytest.fixture
+def server(creds: Creds, ca: trustme.CA) -> TLSConfig:
+    return TLSConfig(creds("server", server=ca))
+
+
+@pytest.fixture
+def client(creds: Creds, ca: trustme.CA) -> TLSConfig:
+    return TLSConfig(creds("client", client=ca))
+
+
+@pytest.mark.parametrize("channels", [0, 3])
+def test_tls_round_trip_every_channel_its_own_session(
+    listen: Callable[..., Listener], server: TLSConfig, client: TLSConfig, channels: int
+) -> None:
+    listener = listen("tcp:127.0.0.1:0", channels=channels, uuid=UUID, tls=server)
+    source = connect_channels(listener.uri, header=HEADER, channels=channels, uuid=UUID, tls=client)
+    with source, listener.wait(10) as destination:
+        assert all(c.is_tls for c in source.all + destination.all)
+        # Each destination channel did its own handshake and saw the client's certificate.
+        for channel in destination.all:
+            subject = channel.peer_certificate()
+            assert subject is not None
+            assert certificate_subject(subject).startswith("CN=source.example,")
+        assert destination.main.read_exact(len(HEADER)) == HEADER
+        for i, (out, into) in enumerate(zip(source.multifd, destination.multifd, strict=True)):
+            out.writev_all([b"hdr", bytes([i]) * PAGE, bytes([i + 1]) * PAGE])
+            header, first, second = bytearray(3), bytearray(PAGE), bytearray(PAGE)
+            assert into.readv_into([header, first, second]) == 3 + 2 * PAGE
+            assert (header, first, second) == (b"hdr", bytes([i]) * PAGE, bytes([i + 1]) * PAGE)
+    assert listener.refusals == []
+
+
+def test_tls_over_unix_with_tls_hostname(
+    listen: Callable[..., Listener], server: TLSConfig, creds: Creds, ca: trustme.CA, unix_path: str
+) -> None:
+    listener = listen(f"unix:{unix_path}", channels=2, uuid=UUID, tls=server)
+    client = TLSConfig(creds("client", client=ca), hostname="localhost")
+    source = connect_channels(listener.uri, header=HEADER, channels=2, uuid=UUID, tls=client)
+    with source, listener.wait(10) as destination:
+        assert destination.main.read_exact(len(HEADER)) == HEADER
+
+
+def test_server_certificate_from_another_ca(
+    listen: Callable[..., Listener], creds: Creds, other_ca: trustme.CA, client: TLSConfig
+) -> None:
+    server = TLSConfig(creds("server", server=other_ca, trust=other_ca))
+    listener = listen("tcp:127.0.0.1:0", channels=2, uuid=UUID, tls=server)
+    with pytest.raises(TLSError) as info:
+        connect_channels(listener.uri, header=HEADER, channels=2, uuid=UUID, tls=client)
+    assert str(info.value).startswith(
+        "main channel: TLS handshake failed: unknown CA: the destination's certificate is "
+        f"not signed by the CA in {client.creds / 'ca-cert.pem'}"
+    )
+    assert wait_for_refusal(listener).endswith(
+        "TLS handshake failed: unknown CA: the source does not trust the CA that signed "
+        "our certificate"
+    )
+
+
+def test_client_certificate_from_another_ca(
+    listen: Callable[..., Listener],
+    server: TLSConfig,
+    creds: Creds,
+    other_ca: trustme.CA,
+) -> None:
+    listener = listen("tcp:127.0.0.1:0", tls=server)
+    try_connect(listener.uri, TLSConfig(creds("client", client=other_ca)))
+    assert wait_for_refusal(listener).endswith(
+        "TLS handshake failed: unknown CA: the source's certificate is not signed by the CA "
+        f"in {server.creds / 'ca-cert.pem'} (unable to get local issuer certificate)"
+    )
+
+
+def test_wrong_host_name(
+    listen: Callable[..., Listener], creds: Creds, ca: trustme.CA, client: TLSConfig
+) -> None:
+    server = TLSConfig(creds("server", server=ca, server_names=("dst.example",)))
+    listener = listen("tcp:127.0.0.1:0", tls=server)
+    with pytest.raises(TLSError) as info:
+        connect_channels(listener.uri, header=HEADER, tls=client)
+    assert str(info.value).startswith(
+        "main channel: TLS handshake failed: hostname mismatch: the destination's "
+        "certificate is not valid for '127.0.0.1'"
+    )
+    assert "set tls-hostname" in str(info.value)
+    assert "rejected our certificate" in wait_for_refusal(listener)
+
+
+def test_tls_hostname_overrides_the_uri_host(
+    listen: Callable[..., Listener], creds: Creds, ca: trustme.CA
+) -> None:
+    server = TLSConfig(creds("server", server=ca, server_names=("dst.example",)))
+    listener = listen("tcp:127.0.0.1:0", tls=server)
+    wrong = TLSConfig(creds("client", client=ca), hostname="other.example")
+    with pytest.raises(TLSError, match=r"hostname mismatch: .* not valid for 'other\.example'"):
+        connect_channels(listener.uri, header=HEADER, tls=wrong)
+    right = TLSConfig(wrong.creds, hostname="dst.example")
+    with connect_channels(listener.uri, header=HEADER, tls=right), listener.wait(10) as dest:
+        assert dest.main.read_exact(8) == HEADER
+
+
+def test_missing_client_certificate(
+    listen: Callable[..., Listener], server: TLSConfig, creds: Creds
+) -> None:
+    listener = listen("tcp:127.0.0.1:0", tls=server)
+    try_connect(listener.uri, TLSConfig(creds("client")))  # ca-cert.pem only
+    assert wait_for_refusal(listener).endswith(
+        "TLS handshake failed: client certificate missing: the source sent none (its "
+        "tls-creds directory needs client-cert.pem and client-key.pem)"
+    )
+
+
+@pytest.mark.parametrize("allowed", [True, False])
+def test_tls_authz(
+    listen: Callable[..., Listener], creds: Creds, ca: trustme.CA, client: TLSConfig, allowed: bool
+) -> None:
+    subject = certificate_subject(
+        {"subject": ((("organizationName", "x"),), (("commonName", "y"),))}
+    )
+    assert subject == "CN=y,O=x"
+    # The subject trustme gives the client: learn it from a first, unrestricted session.
+    probe = listen("tcp:127.0.0.1:0", tls=TLSConfig(creds("probe", server=ca)))
+    with connect_channels(probe.uri, header=HEADER, tls=client), probe.wait(10) as seen:
+        peer = seen.main.peer_certificate()
+        assert peer is not None
+        actual = certificate_subject(peer)
+    authz = (actual,) if allowed else ("CN=someone.else", "CN=source.example")
+    server = TLSConfig(creds("server", server=ca), authz=authz)
+    listener = listen("tcp:127.0.0.1:0", channels=1, uuid=UUID, tls=server)
+    if allowed:
+        source = connect_channels(listener.uri, header=HEADER, channels=1, uuid=UUID, tls=client)
+        with source, listener.wait(10):
+            pass
+        assert listener.refusals == []
+    else:
+        try_connect(listener.uri, client)
+        assert wait_for_refusal(listener).endswith(
+            f"TLS: client certificate subject {actual!r} is not authorized by tls-authz "
+            "('CN=someone.else', 'CN=source.example')"
+        )
+
+
+def test_plain_source_to_tls_destination(
+    listen: Callable[..., Listener], server: TLSConfig
+) -> None:
+    listener = listen("tcp:127.0.0.1:0", tls=server)
+    try_connect(listener.uri, None)
+    refusal = wait_for_refusal(listener)
+    assert "TLS handshake failed: the source does not speak TLS" in refusal
+
+
+def test_tls_source_to_plain_destination(
+    listen: Callable[..., Listener], client: TLSConfig
+) -> None:
+    listener = listen("tcp:127.0.0.1:0")
+    with pytest.raises(ChannelError, match="main channel: TLS handshake failed"):
+        connect_channels(listener.uri, header=HEADER, tls=client)
+    assert wait_for_refusal(listener).endswith(
+        "this is a TLS handshake: set tls-creds on this side too"
+    )
+
+
+def test_tls_handshake_timeout(
+    listen: Callable[..., Listener], server: TLSConfig, raw_connect: Callable[..., socket.socket]
+) -> None:
+    listener = listen("tcp:127.0.0.1:0", tls=server, handshake_timeout=0.2)
+    silent = raw_connect(listener.uri)
+    assert silent.recv(1) == b""
+    assert listener.refusals[0].endswith(
+        ": TLS handshake not received within the handshake timeout (0.2 s); ignoring"
+    )
+
+
+@pytest.mark.parametrize(
+    ("present", "message"),
+    [
+        ([], "ca-cert.pem is missing: the destination (server) needs the CA certificate"),
+        (["ca-cert.pem"], "server-cert.pem is missing: the destination (server) needs"),
+    ],
+)
+def test_missing_server_credentials_refused_before_listening(
+    tmp_path: Path, server: TLSConfig, present: list[str], message: str
+) -> None:
+    for name in present:
+        (tmp_path / name).write_bytes((server.creds / name).read_bytes())
+    with pytest.raises(TLSError, match=re.escape(message)):
+        Listener("tcp:127.0.0.1:0", tls=TLSConfig(tmp_path))
+
+
+def test_subject_escaping() -> None:
+    cert = {"subject": ((("organizationName", "A, B+C"),), (("commonName", " lead#"),))}
+    assert certificate_subject(cert) == "CN=\\ lead#,O=A\\, B\\+C"
+
+
+def test_channel_reports_no_subject_without_tls() -> None:
+    a, b = socket.socketpair()
+    with Channel(a, "main channel") as channel:
+        assert channel.peer_certificate() is None and not channel.is_tls
+    b.close()
+
+
+def test_tls_config_accepts_strings(tmp_path: Path) -> None:
+    config = TLSConfig(str(tmp_path), authz=["CN=a"])  # type: ignore[arg-type]
+    assert config.creds == tmp_path and config.authz == ("CN=a",)
+
+
+def test_close_ends_a_pending_tls_handshake_at_once(
+    listen: Callable[..., Listener], server: TLSConfig, raw_connect: Callable[..., socket.socket]
+) -> None:
+    """A peer that starts a TLS record and stalls: close() does not wait the 60 s."""
+    listener = listen("tcp:127.0.0.1:0", tls=server, handshake_timeout=60)
+    stalled = raw_connect(listener.uri)
+    stalled.sendall(b"\x16\x03\x01\x00\xff")  # a ClientHello record header, no body
+    listener.close()
+    with contextlib.suppress(ConnectionResetError):
+        assert stalled.recv(1) == b""
+    assert listener.refusals == []
