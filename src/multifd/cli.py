@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from rich.live import Live
@@ -13,10 +16,21 @@ from rich.live import Live
 from . import __version__
 from .analyze import analyze, load_recording
 from .analyze.report import render
+from .channels import ChannelError, URIError
+from .control import (
+    BlockSpec,
+    Daemon,
+    DaemonOptions,
+    OptionError,
+    Role,
+    parse_capability,
+    parse_parameter,
+    stop_on_signals,
+)
 from .demo.runner import DemoOptions, run_demo
 from .migration.params import MigrationConfigError, parse_parameter_text
 from .progress import human as _human
-from .progress import progress_table, render_summary
+from .progress import info_migrate_text, progress_table, render_summary
 
 
 def _analyze(args: argparse.Namespace) -> int:
@@ -72,6 +86,96 @@ def _demo(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+def _checked(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    """An argparse type that shows the parser's own message on a bad value."""
+
+    def convert(text: str) -> Any:
+        try:
+            return parse(text)
+        except OptionError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    convert.__name__ = parse.__name__
+    return convert
+
+
+def _daemon(role: Role, args: argparse.Namespace) -> int:
+    name = f"multifd {role.value}"
+    options = DaemonOptions(
+        blocks=args.block,
+        capabilities=dict(args.cap),
+        parameters=dict(args.set),
+        uri=args.uri,
+        qmp=args.qmp,
+    )
+    try:
+        daemon = Daemon(role, options)
+    except (OptionError, MigrationConfigError, OSError, ValueError) as exc:
+        print(f"{name}: error: {exc}", file=sys.stderr)
+        return 2
+    with daemon, stop_on_signals(daemon):
+        try:
+            daemon.start()
+        except (MigrationConfigError, URIError, ChannelError, OSError, ValueError) as exc:
+            print(f"{name}: error: {exc}", file=sys.stderr)
+            return 2
+        if daemon.server is not None:
+            print(f"{name}: QMP on {daemon.server.address}", file=sys.stderr)
+        if daemon.listening is not None:
+            print(f"{name}: waiting for a migration on {daemon.listening}", file=sys.stderr)
+        elif daemon.uri is not None:
+            print(f"{name}: migrating to {daemon.uri}", file=sys.stderr)
+        else:
+            command = "migrate-incoming" if role is Role.INCOMING else "migrate"
+            print(f"{name}: waiting for the QMP command {command}", file=sys.stderr)
+        if role is Role.MIGRATE:
+            console = Console(stderr=True)
+            with Live(console=console, refresh_per_second=8, transient=True) as live:
+                info = daemon.run(progress=lambda q: live.update(progress_table(q)))
+        else:
+            info = daemon.run()
+        if daemon.stop_signal is not None:
+            print(
+                f"{name}: stopped by {signal.Signals(daemon.stop_signal).name}",
+                file=sys.stderr,
+            )
+        print(info_migrate_text(info, daemon.endpoint.settings.capabilities))
+    return 0 if info["status"] == "completed" else 1
+
+
+def _add_daemon_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--block",
+        metavar="NAME=SIZE[@PATH]",
+        type=_checked(BlockSpec.parse),
+        action="append",
+        required=True,
+        help="a RAM block (repeat for more): anonymous memory, or the file or shared "
+        "memory at PATH (sizes take K, M, G)",
+    )
+    p.add_argument(
+        "--cap",
+        metavar="NAME=on|off",
+        type=_checked(parse_capability),
+        action="append",
+        default=[],
+        help="a migration capability, e.g. multifd=on (repeat for more)",
+    )
+    p.add_argument(
+        "--set",
+        metavar="NAME=VALUE",
+        type=_checked(parse_parameter),
+        action="append",
+        default=[],
+        help="a migration parameter, e.g. multifd-channels=4 (repeat for more)",
+    )
+    p.add_argument(
+        "--qmp",
+        metavar="SOCKET",
+        help="serve QMP on unix:PATH, tcp:HOST:PORT, or a path",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="multifd",
@@ -114,6 +218,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--downtime-limit", type=int, default=300, help="milliseconds (300)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_demo)
+
+    p = sub.add_parser(
+        "incoming",
+        help="receive a migration: a destination daemon, QMP-drivable",
+        description="Listen on URI and receive a migration into the blocks. URI 'defer' "
+        "waits for QMP's migrate-incoming. Exits when the migration completed (0), on "
+        "QMP quit, or on SIGINT/SIGTERM; without --qmp also when it failed. Prints a "
+        "summary like QEMU's HMP 'info migrate'.",
+    )
+    p.add_argument("uri", help="tcp:HOST:PORT, unix:PATH, fd:N, exec:CMD, file:PATH or defer")
+    _add_daemon_options(p)
+    p.set_defaults(func=lambda args: _daemon(Role.INCOMING, args))
+
+    p = sub.add_parser(
+        "migrate",
+        help="send a migration: a source daemon, QMP-drivable",
+        description="Migrate the blocks to URI at once, with live progress, and exit when "
+        "it ends. With --qmp it serves QMP (without URI it waits for a migrate command) and "
+        "stays after the migration, like QEMU's postmigrate, until QMP quit or SIGINT/SIGTERM. "
+        "Prints a summary like QEMU's HMP 'info migrate'; exit status 0 only if the last "
+        "migration completed.",
+    )
+    p.add_argument("uri", nargs="?", help="tcp:HOST:PORT, unix:PATH, fd:N, exec:CMD, file:PATH")
+    _add_daemon_options(p)
+    p.set_defaults(func=lambda args: _daemon(Role.MIGRATE, args))
     return parser
 
 

@@ -94,3 +94,63 @@ def render_summary(result: dict[str, Any], downtime_limit: int, console: Console
                 c["error"] or "",
             )
         console.print(table)
+
+
+def info_migrate_text(info: dict[str, Any], capabilities: dict[str, bool] | None = None) -> str:
+    """A query-migrate answer as QEMU's HMP `info migrate` prints it, plus the
+    figures of our own (rounds, dirty tracker, channels) after QEMU's."""
+    lines = []
+    if capabilities is not None:
+        states = " ".join(f"{n}: {'on' if s else 'off'}" for n, s in capabilities.items())
+        lines.append(f"capabilities: {states}")
+    status = info.get("status", "none")
+    error = f" ({info['error-desc']})" if status == "failed" and "error-desc" in info else ""
+    lines.append(f"Migration status: {status}{error}")
+    if "total-time" in info:
+        lines.append(f"total time: {info['total-time']} ms")
+    for key, label in (
+        ("expected-downtime", "expected downtime"),
+        ("downtime", "downtime"),
+        ("setup-time", "setup"),
+    ):
+        if key in info:
+            lines.append(f"{label}: {info[key]} ms")
+    ram = info.get("ram")
+    if ram:
+        lines += [
+            f"transferred ram: {ram['transferred'] >> 10} kbytes",
+            f"throughput: {ram['mbps']:0.2f} mbps",
+            f"remaining ram: {ram['remaining'] >> 10} kbytes",
+            f"total ram: {ram['total'] >> 10} kbytes",
+            f"duplicate: {ram['duplicate']} pages",
+            f"skipped: {ram['skipped']} pages",
+            f"normal: {ram['normal']} pages",
+            f"normal bytes: {ram['normal-bytes'] >> 10} kbytes",
+            f"dirty sync count: {ram['dirty-sync-count']}",
+            f"page size: {ram['page-size'] >> 10} kbytes",
+            f"multifd bytes: {ram['multifd-bytes'] >> 10} kbytes",
+            f"pages-per-second: {ram['pages-per-second']}",
+        ]
+        # QEMU prints these only when they are not zero.
+        if ram.get("dirty-pages-rate"):
+            lines.append(f"dirty pages rate: {ram['dirty-pages-rate']} pages")
+        if ram.get("precopy-bytes"):
+            lines.append(f"precopy ram: {ram['precopy-bytes'] >> 10} kbytes")
+        if ram.get("downtime-bytes"):
+            lines.append(f"downtime ram: {ram['downtime-bytes'] >> 10} kbytes")
+    if info.get("cpu-throttle-percentage"):
+        lines.append(f"cpu throttle percentage: {info['cpu-throttle-percentage']}")
+    if "socket-address" in info:
+        lines += ["socket address: [", f"\t{info['socket-address']}", "]"]
+    if "x-rounds" in info:
+        lines.append(f"rounds: {info['x-rounds']}")
+    trackers = info.get("x-dirty-tracker")
+    if trackers:
+        lines.append(f"dirty tracker: {', '.join(sorted(set(trackers.values())))}")
+    for channel in info.get("x-multifd-channels", []):
+        error = f", error: {channel['error']}" if channel.get("error") else ""
+        lines.append(
+            f"multifd channel {channel['id']}: {channel['packets']} packets, "
+            f"{channel['pages']} pages, {channel['bytes'] >> 10} kbytes{error}"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,145 @@
+"""The `multifd incoming` and `multifd migrate` daemons: RAM blocks, an endpoint, its
+QMP server, and when to stop (completion, `quit`, or a signal that cancels cleanly)."""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+from ..memory import RAMBlock
+from ..migration.destination import MigrationDestination
+from ..migration.source import MigrationSource
+from ..migration.state import MigrationStatus
+from .commands import MigrationCommands
+from .options import BlockSpec, OptionError, open_blocks
+from .server import QMPServer
+
+POLL_INTERVAL = 0.1  # seconds between looks at the endpoint, the server and signals
+DEFER = "defer"  # QEMU's `-incoming defer`: wait for migrate-incoming
+
+
+class Role(Enum):
+    INCOMING = "incoming"
+    MIGRATE = "migrate"
+
+
+@dataclass
+class DaemonOptions:
+    blocks: list[BlockSpec]
+    capabilities: dict[str, bool] = field(default_factory=dict)
+    parameters: dict[str, Any] = field(default_factory=dict)
+    uri: str | None = None  # None (or "defer" when incoming): wait for a QMP command
+    qmp: str | None = None
+
+
+class Daemon:
+    """One endpoint, served over QMP if asked, until it is done.
+
+    It is done on `quit`, on a signal (`request_stop`, which cancels a running
+    migration), or when the migration ends: for `incoming` once it completed
+    (or ended at all when there is no QMP to start another), for `migrate`
+    when it ended and there is no QMP (with QMP the source stays, like QEMU's
+    `postmigrate`, until `quit`).
+    """
+
+    def __init__(self, role: Role, options: DaemonOptions) -> None:
+        self.role = role
+        self.uri = None if options.uri == DEFER and role is Role.INCOMING else options.uri
+        if self.uri is None and options.qmp is None:
+            raise OptionError(
+                "without a migration URI the daemon waits for QMP commands: give --qmp SOCKET"
+            )
+        if not options.blocks:
+            raise OptionError("at least one --block NAME=SIZE[@PATH] is needed")
+        self.qmp = options.qmp
+        self.blocks: list[RAMBlock] = open_blocks(options.blocks, create=role is Role.INCOMING)
+        self.endpoint: MigrationSource | MigrationDestination
+        try:
+            kind = MigrationDestination if role is Role.INCOMING else MigrationSource
+            self.endpoint = kind(
+                self.blocks, capabilities=options.capabilities, parameters=options.parameters
+            )
+        except BaseException:
+            self._close_blocks()
+            raise
+        self.server: QMPServer | None = None
+        self.listening: str | None = None  # the incoming address actually bound
+        self.stop_signal: int | None = None
+
+    def start(self) -> None:
+        """Open the QMP socket, then start the migration if a URI was given."""
+        try:
+            if self.qmp is not None:
+                self.server = QMPServer(self.qmp, MigrationCommands(self.endpoint))
+                self.server.start()
+            if self.uri is not None:
+                if isinstance(self.endpoint, MigrationDestination):
+                    self.listening = self.endpoint.incoming(self.uri)
+                else:
+                    self.endpoint.migrate(self.uri)
+        except BaseException:
+            self.close()
+            raise
+
+    def request_stop(self, signum: int) -> None:
+        """From a signal handler: only records it; `run` does the rest."""
+        self.stop_signal = signum
+
+    def run(self, progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+        """Wait until done; then cancel what still runs and return the last query-migrate."""
+        while not self._done():
+            if progress is not None and self.endpoint.state.status is not MigrationStatus.NONE:
+                progress(self.endpoint.query())
+            time.sleep(POLL_INTERVAL)
+        if self.endpoint.state.status.live:
+            self.endpoint.cancel()
+        return self.endpoint.wait()
+
+    def _done(self) -> bool:
+        if self.stop_signal is not None:
+            return True
+        if self.server is not None and self.server.quit_requested.is_set():
+            return True
+        status = self.endpoint.state.status
+        if not status.finished:
+            return False
+        if self.server is None:
+            return True
+        return self.role is Role.INCOMING and status is MigrationStatus.COMPLETED
+
+    def close(self) -> None:
+        """Cancel a running migration, close the QMP socket and the blocks."""
+        self.endpoint.cancel()
+        if self.server is not None:
+            self.server.close()
+        self.endpoint.wait()
+        self._close_blocks()
+
+    def _close_blocks(self) -> None:
+        for block in self.blocks:
+            block.close()
+
+    def __enter__(self) -> Daemon:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+@contextlib.contextmanager
+def stop_on_signals(daemon: Daemon) -> Iterator[None]:
+    """SIGINT and SIGTERM stop the daemon cleanly (main thread only)."""
+    signals = (signal.SIGINT, signal.SIGTERM)
+    previous = {
+        s: signal.signal(s, lambda signum, _frame: daemon.request_stop(signum)) for s in signals
+    }
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)

@@ -1,0 +1,99 @@
+"""What the daemons take on their command line: RAM blocks as NAME=SIZE[@PATH],
+capabilities as NAME=on|off and parameters as NAME=VALUE, checked before anything runs."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..memory import RAMBlock
+from ..migration.params import (
+    QEMU_CAPABILITIES,
+    MigrationConfigError,
+    parse_parameter_text,
+)
+
+# The name is everything before the first "=" that a size follows, so QEMU block
+# names such as "/rom@etc/acpi/tables" work, and paths may hold "@" and "=".
+_SIZE_TEXT = r"(?P<number>\d+(?:\.\d+)?)(?P<suffix>[kKmMgGtT]?)[bB]?"
+_BLOCK = re.compile(rf"(?P<name>.+?)=(?P<size>{_SIZE_TEXT})(?:@(?P<path>.+))?")
+_SIZE = re.compile(_SIZE_TEXT)
+_SHIFTS = {"": 0, "k": 10, "m": 20, "g": 30, "t": 40}
+_STATES = {"on": True, "off": False, "true": True, "false": False, "yes": True, "no": False}
+
+
+class OptionError(ValueError):
+    """A command-line value that cannot be used; the message shows the right form."""
+
+
+def parse_size(text: str) -> int:
+    """Bytes, with an optional K, M, G or T suffix (powers of 1024): `64M`, `1.5G`."""
+    match = _SIZE.fullmatch(text.strip())
+    if match is None:
+        raise OptionError(f"not a size: {text!r} (try 4096, 64M, 1G)")
+    return int(float(match["number"]) * (1 << _SHIFTS[match["suffix"].lower()]))
+
+
+@dataclass(frozen=True)
+class BlockSpec:
+    """A RAM block to create: anonymous memory, or a shared mapping of `path`."""
+
+    name: str
+    size: int
+    path: Path | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> BlockSpec:
+        match = _BLOCK.fullmatch(text)
+        if match is None:
+            raise OptionError(
+                f"not a block: {text!r} (NAME=SIZE or NAME=SIZE@PATH, e.g. pc.ram=64M)"
+            )
+        path = Path(match["path"]) if match["path"] else None
+        return cls(match["name"], parse_size(match["size"]), path)
+
+    def open(self, *, create: bool) -> RAMBlock:
+        """The block; with a path, `create` makes (or extends) the file."""
+        if self.path is None:
+            return RAMBlock.anonymous(self.name, self.size)
+        return RAMBlock.from_file(self.name, self.path, self.size, create=create)
+
+
+def open_blocks(specs: list[BlockSpec], *, create: bool) -> list[RAMBlock]:
+    """All the blocks, or none: those already opened are closed if one fails."""
+    names = [s.name for s in specs]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise OptionError(f"block names must be unique: {', '.join(duplicates)}")
+    blocks: list[RAMBlock] = []
+    try:
+        for spec in specs:
+            blocks.append(spec.open(create=create))
+    except BaseException:
+        for block in blocks:
+            block.close()
+        raise
+    return blocks
+
+
+def parse_capability(text: str) -> tuple[str, bool]:
+    """`multifd=on` → ("multifd", True)."""
+    name, sep, state = text.partition("=")
+    if not sep or state.lower() not in _STATES:
+        raise OptionError(f"not a capability setting: {text!r} (NAME=on or NAME=off)")
+    if name not in QEMU_CAPABILITIES:
+        raise OptionError(f"unknown capability {name!r} (known: {', '.join(QEMU_CAPABILITIES)})")
+    return name, _STATES[state.lower()]
+
+
+def parse_parameter(text: str) -> tuple[str, Any]:
+    """`downtime-limit=300` → ("downtime-limit", 300); sizes take K/M/G suffixes."""
+    name, sep, value = text.partition("=")
+    if not sep:
+        raise OptionError(f"not a parameter setting: {text!r} (NAME=VALUE)")
+    try:
+        return name, parse_parameter_text(name, value)
+    except MigrationConfigError as exc:
+        raise OptionError(str(exc)) from None

@@ -1,0 +1,102 @@
+"""Fixtures for the control-plane tests: a leak check after every test, short socket
+paths, endpoints served over QMP in this process, and daemons run as subprocesses."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from control_support import BLOCK_SIZE, DaemonProcess, Served, random_fill
+
+from multifd.control import MigrationCommands, QMPServer
+from multifd.memory import RAMBlock
+from multifd.migration.destination import MigrationDestination
+from multifd.migration.source import MigrationSource
+
+LEAK_GRACE = 1.0  # seconds a finished owner may take to let its threads go
+
+
+def _open_fds() -> dict[int, str]:
+    fds = {}
+    for name in os.listdir("/proc/self/fd"):
+        # The directory listing's own descriptor is gone by the time it is read.
+        with contextlib.suppress(OSError):
+            fds[int(name)] = os.readlink(f"/proc/self/fd/{name}")
+    return fds
+
+
+@pytest.fixture(autouse=True)
+def no_leaks() -> Iterator[None]:
+    """After every test: no thread and no file descriptor it started is left."""
+    threads_before = set(threading.enumerate())
+    fds_before = _open_fds()
+    yield
+    deadline = time.monotonic() + LEAK_GRACE
+    while True:
+        threads = [t for t in threading.enumerate() if t not in threads_before]
+        fds = {fd: target for fd, target in _open_fds().items() if fds_before.get(fd) != target}
+        if (not threads and not fds) or time.monotonic() > deadline:
+            break
+        time.sleep(0.01)
+    assert not threads, f"threads left running: {[t.name for t in threads]}"
+    assert not fds, f"file descriptors left open: {fds}"
+
+
+@pytest.fixture
+def sock_dir() -> Iterator[Path]:
+    """A short directory for unix sockets (pytest's tmp_path can pass sun_path's 107)."""
+    path = Path(tempfile.mkdtemp(prefix="qmp-", dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def serve(sock_dir: Path) -> Iterator[Callable[..., Served]]:
+    """Make a source or destination served on a unix QMP socket; all are closed,
+    their migrations cancelled and their threads joined at teardown."""
+    made: list[Served] = []
+
+    def make(kind: str, *, seed: int = 1, size: int = BLOCK_SIZE, **server_options: Any) -> Served:
+        block = RAMBlock.anonymous("pc.ram", size)
+        endpoint: MigrationSource | MigrationDestination
+        if kind == "source":
+            random_fill(block, seed)
+            endpoint = MigrationSource([block])
+        else:
+            endpoint = MigrationDestination([block])
+        server = QMPServer(
+            str(sock_dir / f"{kind}{len(made)}.qmp"), MigrationCommands(endpoint), **server_options
+        )
+        server.start()
+        served = Served(endpoint, server, block)
+        made.append(served)
+        return served
+
+    yield make
+    for served in made:
+        served.server.close()
+        served.endpoint.cancel()
+        served.endpoint.wait()
+        served.block.close()
+
+
+@pytest.fixture
+def daemon(tmp_path: Path) -> Iterator[Callable[..., DaemonProcess]]:
+    started: list[DaemonProcess] = []
+
+    def start(*args: str, label: str = "daemon") -> DaemonProcess:
+        proc = DaemonProcess(list(args), tmp_path, f"{label}{len(started)}")
+        started.append(proc)
+        return proc
+
+    yield start
+    for proc in started:
+        proc.kill()

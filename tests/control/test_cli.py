@@ -1,0 +1,302 @@
+"""`multifd incoming` and `multifd migrate` as real processes: migrating between files,
+driven by QMPClient and by qmp-shell as a person types, signals, and usage errors."""
+
+from __future__ import annotations
+
+import os
+import queue
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from control_support import (
+    TIMEOUT,
+    DaemonProcess,
+    ask,
+    configure,
+    connect_when_up,
+    hang_up,
+    next_event,
+    run,
+    statuses_until,
+)
+
+DaemonFactory = Callable[..., DaemonProcess]
+MULTIFD = ["--cap", "multifd=on", "--set", "multifd-channels=3"]
+
+
+def make_source_files(directory: Path) -> list[str]:
+    """Two blocks' worth of files with random pages (and runs of zeros)."""
+    (directory / "ram.src").write_bytes(os.urandom(3 << 20) + bytes(1 << 20))
+    (directory / "vga.src").write_bytes(os.urandom(256 << 10))
+    return [
+        "--block",
+        f"pc.ram=4M@{directory / 'ram.src'}",
+        "--block",
+        f"vga=256K@{directory / 'vga.src'}",
+    ]
+
+
+def destination_blocks(directory: Path) -> list[str]:
+    return [
+        "--block",
+        f"pc.ram=4M@{directory / 'ram.dst'}",
+        "--block",
+        f"vga=256K@{directory / 'vga.dst'}",
+    ]
+
+
+def assert_files_equal(directory: Path) -> None:
+    for name in ("ram", "vga"):
+        assert (directory / f"{name}.src").read_bytes() == (directory / f"{name}.dst").read_bytes()
+
+
+def test_migrate_between_two_daemons(daemon: DaemonFactory, tmp_path: Path, sock_dir: Path) -> None:
+    uri = f"unix:{sock_dir / 'migration.sock'}"
+    incoming = daemon("incoming", uri, *destination_blocks(tmp_path), *MULTIFD, label="dst")
+    incoming.wait_for_path(sock_dir / "migration.sock")
+    source = daemon("migrate", uri, *make_source_files(tmp_path), *MULTIFD, label="src")
+    assert source.wait() == 0, source.stderr
+    assert incoming.wait() == 0, incoming.stderr
+    assert_files_equal(tmp_path)
+    for proc in (source, incoming):
+        assert "Migration status: completed" in proc.stdout
+        assert "multifd: on" in proc.stdout
+        assert re.search(r"^total ram: 4352 kbytes$", proc.stdout, re.MULTILINE)
+    assert re.search(r"^multifd channel 2: \d+ packets", source.stdout, re.MULTILINE)
+    assert f"waiting for a migration on {uri}" in incoming.stderr
+
+
+def test_daemons_driven_by_qmp(daemon: DaemonFactory, tmp_path: Path, sock_dir: Path) -> None:
+    source_qmp, destination_qmp = sock_dir / "src.qmp", sock_dir / "dst.qmp"
+    incoming = daemon(
+        "incoming",
+        "defer",
+        *destination_blocks(tmp_path),
+        "--qmp",
+        str(destination_qmp),
+        label="dst",
+    )
+    source = daemon(
+        "migrate", *make_source_files(tmp_path), "--qmp", f"unix:{source_qmp}", label="src"
+    )
+    uri = f"unix:{sock_dir / 'migration.sock'}"
+
+    async def scenario() -> None:
+        src = await connect_when_up(source_qmp, source, name="src")
+        dst = await connect_when_up(destination_qmp, incoming, name="dst")
+        try:
+            for qmp in (src, dst):
+                await configure(qmp, multifd_channels=4, multifd_compression="zlib")
+            await dst.execute("migrate-incoming", {"uri": uri})
+            assert (await next_event(dst, "MIGRATION"))["data"] == {"status": "setup"}
+            await src.execute("migrate", {"uri": uri})
+            assert await statuses_until(src, ("completed", "failed")) == [
+                "setup",
+                "active",
+                "device",
+                "completed",
+            ]
+            assert await statuses_until(dst, ("completed", "failed")) == ["active", "completed"]
+            info = await ask(src, "query-migrate")
+            assert info["status"] == "completed"
+            assert len(info["x-multifd-channels"]) == 4
+            # The source stays, like QEMU's postmigrate, until told to quit.
+            assert (await ask(src, "query-status"))["status"] == "postmigrate"
+            assert await src.execute("quit") == {}
+            await next_event(src, "SHUTDOWN")
+        finally:
+            await hang_up(src)
+            # The destination leaves on its own once the migration completed.
+            await hang_up(dst)
+
+    run(scenario())
+    assert incoming.wait() == 0, incoming.stderr
+    assert source.wait() == 0, source.stderr
+    assert_files_equal(tmp_path)
+    assert "Migration status: completed" in source.stdout
+    assert not source_qmp.exists() and not destination_qmp.exists()
+
+
+class Shell:
+    """qmp-shell in a subprocess, typed into line by line; its output is read by a
+    thread of the test's own, so every wait is bounded."""
+
+    def __init__(self, address: Path, home: Path) -> None:
+        executable = shutil.which("qmp-shell", path=os.path.dirname(sys.executable))
+        assert executable, "qmp-shell is installed with qemu.qmp"
+        self.process = subprocess.Popen(
+            [executable, str(address)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "HOME": str(home)},  # its history file goes there
+        )
+        self._chunks: queue.Queue[bytes] = queue.Queue()
+        self._reader = threading.Thread(target=self._read, name="qmp-shell-output")
+        self._reader.start()
+        self.output = ""
+
+    def _read(self) -> None:
+        assert self.process.stdout is not None
+        while chunk := os.read(self.process.stdout.fileno(), 4096):
+            self._chunks.put(chunk)
+        self._chunks.put(b"")
+
+    def expect(self, pattern: str, timeout: float = TIMEOUT) -> re.Match[str]:
+        """Wait for `pattern` in what the shell printed since the last match."""
+        deadline = time.monotonic() + timeout
+        while True:
+            match = re.search(pattern, self.output)
+            if match:
+                self.output = self.output[match.end() :]
+                return match
+            remaining = deadline - time.monotonic()
+            assert remaining > 0, f"qmp-shell never printed {pattern!r}; got {self.output!r}"
+            try:
+                chunk = self._chunks.get(timeout=remaining)
+            except queue.Empty:
+                continue
+            assert chunk, f"qmp-shell ended before {pattern!r}; got {self.output!r}"
+            self.output += chunk.decode()
+
+    def type(self, line: str) -> None:
+        assert self.process.stdin is not None
+        self.process.stdin.write(line.encode() + b"\n")
+        self.process.stdin.flush()
+
+    def close(self) -> int:
+        assert self.process.stdin is not None
+        self.process.stdin.close()
+        try:
+            code = self.process.wait(TIMEOUT)
+        finally:
+            self.process.kill()
+            self._reader.join(TIMEOUT)
+            assert self.process.stdout is not None
+            self.process.stdout.close()
+            self.process.wait()
+        return code
+
+
+def test_qmp_shell_drives_a_source(daemon: DaemonFactory, tmp_path: Path, sock_dir: Path) -> None:
+    uri = f"unix:{sock_dir / 'migration.sock'}"
+    incoming = daemon("incoming", uri, *destination_blocks(tmp_path), *MULTIFD, label="dst")
+    source_qmp = sock_dir / "src.qmp"
+    source = daemon("migrate", *make_source_files(tmp_path), "--qmp", str(source_qmp), label="src")
+    incoming.wait_for_path(sock_dir / "migration.sock")
+    source.wait_for_path(source_qmp)
+    shell = Shell(source_qmp, tmp_path)
+    try:
+        shell.expect(r"Welcome to the QMP low-level shell!\nConnected to QEMU 0\.1\.0")
+        shell.expect(r"\(QEMU\) ")
+        shell.type(
+            'migrate-set-capabilities capabilities=[{"capability":"multifd","state":true},'
+            '{"capability":"events","state":true}]'
+        )
+        shell.expect(r'\{"return": \{\}\}')
+        shell.type("migrate-set-parameters multifd-channels=3 downtime-limit=1000")
+        shell.expect(r'\{"return": \{\}\}')
+        shell.type("query-migrate-parameters")
+        shell.expect(r'"multifd-channels": 3')
+        shell.type("migrate-set-parameters multifd-channels=0")
+        shell.expect(
+            r'\{"error": \{"class": "GenericError", "desc": "Parameter \'multifd-channels\' '
+            r'expects an integer in the range of 1 to 255"\}\}'
+        )
+        shell.type("warp-drive")
+        shell.expect(
+            r'"class": "CommandNotFound", "desc": "The command warp-drive has not been found"'
+        )
+        shell.type(f"migrate uri={uri}")
+        shell.expect(r'\{"return": \{\}\}')
+        # As a person would: ask again until it is over.
+        deadline = time.monotonic() + TIMEOUT
+        while True:
+            shell.type("query-migrate")
+            status = shell.expect(r'"status": "([a-z-]+)"')[1]
+            if status in ("completed", "failed", "cancelled"):
+                break
+            assert time.monotonic() < deadline, f"migration still {status}"
+            time.sleep(0.1)
+        assert status == "completed"
+        # An empty line shows the events that came meanwhile.
+        shell.expect(r"\(QEMU\) ")
+        shell.type("")
+        shell.expect(r"'event': 'MIGRATION', 'data': \{'status': 'completed'\}")
+        shell.type("query-status")
+        shell.expect(r'\{"return": \{"status": "postmigrate", "running": false')
+        shell.type("quit")
+        shell.expect(r'\{"return": \{\}\}')
+    finally:
+        shell.close()
+    assert source.wait() == 0, source.stderr
+    assert incoming.wait() == 0, incoming.stderr
+    assert_files_equal(tmp_path)
+
+
+def test_sigterm_cancels_cleanly(daemon: DaemonFactory, tmp_path: Path, sock_dir: Path) -> None:
+    uri = f"unix:{sock_dir / 'migration.sock'}"
+    incoming = daemon("incoming", uri, *destination_blocks(tmp_path), *MULTIFD, label="dst")
+    incoming.wait_for_path(sock_dir / "migration.sock")
+    source_qmp = sock_dir / "src.qmp"
+    # About 4 s at this bandwidth: still running when the signal comes.
+    source = daemon(
+        "migrate",
+        uri,
+        *make_source_files(tmp_path),
+        *MULTIFD,
+        "--set",
+        "max-bandwidth=1M",
+        "--cap",
+        "events=on",
+        "--qmp",
+        str(source_qmp),
+        label="src",
+    )
+
+    async def watch() -> None:
+        src = await connect_when_up(source_qmp, source)
+        try:
+            while (await ask(src, "query-migrate"))["status"] != "active":
+                pass
+            source.process.send_signal(signal.SIGTERM)
+            seen = await statuses_until(src, ("cancelled", "failed"))
+            assert seen[-2:] == ["cancelling", "cancelled"]
+        finally:
+            await hang_up(src)
+
+    run(watch())
+    assert source.wait() == 1
+    assert "Migration status: cancelled" in source.stdout
+    assert "stopped by SIGTERM" in source.stderr
+    # The destination saw the streams break: failed, and without QMP it exits.
+    assert incoming.wait() == 1
+    assert "Migration status: failed" in incoming.stdout
+    assert not (sock_dir / "migration.sock").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["migrate", "--block", "pc.ram=4M"], "without a migration URI the daemon waits for QMP"),
+        (["incoming", "defer", "--block", "pc.ram=4M"], "give --qmp SOCKET"),
+        (["incoming", "unix:/x", "--block", "pc.ram"], "not a block: 'pc.ram' (NAME=SIZE"),
+        (["incoming", "unix:/x", "--block", "a=4M", "--cap", "warp=on"], "unknown capability"),
+        (["incoming", "unix:/x", "--block", "a=4M", "--set", "speed=1"], "'speed' is unexpected"),
+        (["incoming", "unix:/x", "--block", "a=4K@/nonexistent/dir/f"], "No such file"),
+        (["migrate", "bogus:uri", "--block", "a=4M"], "unknown migration protocol"),
+        (["incoming", "unix:/x", "--block", "a=4M", "--qmp", "exec:cat"], "a QMP socket is unix:"),
+    ],
+)
+def test_usage_errors(daemon: DaemonFactory, args: list[str], message: str) -> None:
+    proc = daemon(*args)
+    assert proc.wait() == 2
+    assert message in proc.stderr

@@ -1,0 +1,187 @@
+"""Whole migrations driven over QMP with `qemu.qmp`, both endpoints in this process:
+events in order, queries on both sides, refusals while running, cancel and restart."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from control_support import (
+    TIMEOUT,
+    Served,
+    ask,
+    configure,
+    connect,
+    next_event,
+    run,
+    statuses_until,
+)
+from qemu.qmp import ExecuteError
+
+IN_PROGRESS = "There's a migration process in progress"
+
+
+def test_migration_over_tcp_with_events_in_order(serve: Callable[..., Served]) -> None:
+    source, destination = serve("source", seed=3), serve("destination")
+
+    async def scenario() -> None:
+        src = await connect(source.path, name="src")
+        dst = await connect(destination.path, name="dst")
+        try:
+            for qmp in (src, dst):
+                await configure(qmp, multifd_channels=3, downtime_limit=500)
+            assert await dst.execute("migrate-incoming", {"uri": "tcp:127.0.0.1:0"}) == {}
+            incoming = await ask(dst, "query-migrate")
+            assert incoming["status"] == "setup"
+            address = incoming["socket-address"]
+            assert address.startswith("tcp:127.0.0.1:") and not address.endswith(":0")
+            assert (await next_event(dst, "MIGRATION"))["data"] == {"status": "setup"}
+
+            assert await src.execute("migrate", {"uri": address}) == {}
+            assert await statuses_until(src, ("completed", "failed")) == [
+                "setup",
+                "active",
+                "device",
+                "completed",
+            ]
+            assert await statuses_until(dst, ("completed", "failed")) == ["active", "completed"]
+
+            info = await ask(src, "query-migrate")
+            assert info["status"] == "completed"
+            ram = info["ram"]
+            assert ram["total"] == source.block.used_length
+            assert ram["remaining"] == 0
+            assert ram["normal"] + ram["duplicate"] >= source.block.pages
+            assert ram["dirty-sync-count"] >= 2
+            assert len(info["x-multifd-channels"]) == 3
+            assert "downtime" in info
+            assert (await ask(dst, "query-migrate"))["status"] == "completed"
+            assert await src.execute("query-status") == {
+                "status": "postmigrate",
+                "running": False,
+                "singlestep": False,
+            }
+            assert await dst.execute("query-status") == {
+                "status": "running",
+                "running": True,
+                "singlestep": False,
+            }
+        finally:
+            await src.disconnect()
+            await dst.disconnect()
+
+    run(scenario())
+    assert destination.block.sha256() == source.block.sha256()
+
+
+def test_passes_are_announced_when_events_are_on(serve: Callable[..., Served]) -> None:
+    source, destination = serve("source"), serve("destination")
+
+    async def scenario() -> None:
+        src = await connect(source.path)
+        try:
+            await configure(src)
+            destination.destination.set_capabilities({"multifd": True})
+            uri = destination.destination.incoming("tcp:127.0.0.1:0")
+            await src.execute("migrate", {"uri": uri})
+            passes: list[int] = []
+            while True:
+                message = await src.events.get()
+                data: Any = message["data"]
+                if message["event"] == "MIGRATION_PASS":
+                    passes.append(data["pass"])
+                elif data["status"] in ("completed", "failed"):
+                    assert data["status"] == "completed"
+                    break
+            assert passes == list(range(1, len(passes) + 1))
+        finally:
+            await src.disconnect()
+
+    run(scenario())
+
+
+def test_cancel_then_restart(serve: Callable[..., Served], sock_dir: Path) -> None:
+    source, destination = serve("source", seed=5, size=8 << 20), serve("destination", size=8 << 20)
+    uri = f"unix:{sock_dir / 'migration.sock'}"
+
+    async def scenario() -> None:
+        src = await connect(source.path, name="src")
+        dst = await connect(destination.path, name="dst")
+        try:
+            # Slow enough (about 4 s) to be caught running.
+            await configure(src, max_bandwidth=2 << 20)
+            await configure(dst)
+            await dst.execute("migrate-incoming", {"uri": uri})
+            await src.execute("migrate", {"uri": uri})
+            assert await statuses_until(src, ("active",)) == ["setup", "active"]
+
+            for command, arguments in (
+                ("migrate", {"uri": uri}),
+                ("migrate-set-parameters", {"max-bandwidth": 0}),
+                (
+                    "migrate-set-capabilities",
+                    {"capabilities": [{"capability": "multifd", "state": False}]},
+                ),
+            ):
+                with pytest.raises(ExecuteError) as refused:
+                    await src.execute(command, arguments)
+                assert refused.value.error_class == "GenericError"
+                assert str(refused.value) == IN_PROGRESS
+            with pytest.raises(ExecuteError, match=IN_PROGRESS):
+                await dst.execute("migrate-incoming", {"uri": uri})
+
+            assert await src.execute("migrate_cancel") == {}
+            assert await statuses_until(src, ("cancelled", "failed")) == ["cancelling", "cancelled"]
+            assert (await ask(src, "query-migrate"))["status"] == "cancelled"
+            assert await src.execute("query-status") == {
+                "status": "running",
+                "running": True,
+                "singlestep": False,
+            }
+            # The destination sees the streams end early.
+            assert (await statuses_until(dst, ("completed", "failed", "cancelled")))[-1] == "failed"
+            failed = await ask(dst, "query-migrate")
+            assert failed["status"] == "failed"
+            assert failed["error-desc"]
+
+            # And again, at full speed this time.
+            await dst.execute("migrate-incoming", {"uri": uri})
+            await src.execute("migrate-set-parameters", {"max-bandwidth": 0})
+            await src.execute("migrate", {"uri": uri})
+            assert (await statuses_until(src, ("completed", "failed", "cancelled")))[-1] == (
+                "completed"
+            )
+            assert (await statuses_until(dst, ("completed", "failed", "cancelled")))[-1] == (
+                "completed"
+            )
+        finally:
+            await src.disconnect()
+            await dst.disconnect()
+
+    run(scenario(), timeout=2 * TIMEOUT)
+    assert destination.block.sha256() == source.block.sha256()
+
+
+def test_a_waiting_destination_can_be_cancelled(
+    serve: Callable[..., Served], sock_dir: Path
+) -> None:
+    destination = serve("destination")
+
+    async def scenario() -> None:
+        dst = await connect(destination.path)
+        try:
+            # With `events` off QEMU still announces the incoming side's setup.
+            await dst.execute("migrate-incoming", {"uri": f"unix:{sock_dir / 'm.sock'}"})
+            assert (await next_event(dst, "MIGRATION"))["data"] == {"status": "setup"}
+            with pytest.raises(ExecuteError) as refused:
+                await dst.execute("migrate", {"uri": "unix:/nowhere"})
+            assert str(refused.value).startswith("Guest is waiting for an incoming migration")
+            assert await dst.execute("migrate_cancel") == {}
+            assert (await ask(dst, "query-migrate"))["status"] == "cancelled"
+            assert not (sock_dir / "m.sock").exists()
+        finally:
+            await dst.disconnect()
+
+    run(scenario())
