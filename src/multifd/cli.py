@@ -30,7 +30,15 @@ from .control import (
 from .demo.runner import DemoOptions, run_demo
 from .migration.params import MigrationConfigError, parse_parameter_text
 from .progress import human as _human
-from .progress import info_migrate_text, progress_table, render_summary
+from .progress import (
+    info_migrate_text,
+    progress_table,
+    qemu_progress_table,
+    render_snapshot,
+    render_summary,
+)
+from .qemu.qmp import QMPError
+from .qemu.snapshot import SnapshotError, restore, save
 
 
 def _analyze(args: argparse.Namespace) -> int:
@@ -176,6 +184,45 @@ def _add_daemon_options(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _save(args: argparse.Namespace) -> int:
+    console = Console(stderr=True)
+    try:
+        with Live(console=console, refresh_per_second=8, transient=True) as live:
+            manifest = save(
+                args.qmp,
+                args.dir,
+                channels=args.channels,
+                compression=args.compression,
+                progress=lambda qemu, ours: live.update(qemu_progress_table(qemu, ours)),
+            )
+    except (SnapshotError, QMPError, ConnectionError, OSError, MigrationConfigError) as exc:
+        print(f"multifd save: error: {exc}", file=sys.stderr)
+        return 1
+    render_snapshot(manifest, Console())
+    return 0
+
+
+def _restore(args: argparse.Namespace) -> int:
+    console = Console(stderr=True)
+    try:
+        with Live(console=console, refresh_per_second=8, transient=True) as live:
+            result = restore(
+                args.dir,
+                args.qmp,
+                channels=args.channels,
+                progress=lambda qemu, ours: live.update(qemu_progress_table(qemu, ours)),
+            )
+    except (SnapshotError, QMPError, ConnectionError, OSError, MigrationConfigError) as exc:
+        print(f"multifd restore: error: {exc}", file=sys.stderr)
+        return 1
+    Console().print(info_migrate_text(result["source"], {}))
+    Console().print(
+        f"QEMU: migration {result['query-migrate']['status']}, "
+        f"VM {result['query-status']['status']}"
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="multifd",
@@ -243,6 +290,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("uri", nargs="?", help="tcp:HOST:PORT, unix:PATH, fd:N, exec:CMD, file:PATH")
     _add_daemon_options(p)
     p.set_defaults(func=lambda args: _daemon(Role.MIGRATE, args))
+
+    p = sub.add_parser(
+        "save",
+        help="save a running QEMU VM into a snapshot folder, over multifd",
+        description="Connects to a running QEMU's QMP socket, turns multifd on there, and "
+        "receives its live migration into DIR: each RAM block as a sparse file, the device "
+        "state and configuration byte for byte, and manifest.json.",
+    )
+    p.add_argument("--qmp", required=True, help="the QEMU's QMP socket (unix:PATH or a path)")
+    p.add_argument("dir", type=Path, help="the snapshot folder (new or empty)")
+    p.add_argument("--channels", type=int, default=2, help="multifd channels (2)")
+    p.add_argument("--compression", choices=("none", "zlib", "zstd"), default="none")
+    p.set_defaults(func=_save)
+
+    p = sub.add_parser(
+        "restore",
+        help="restore a snapshot folder into a QEMU started with -incoming defer",
+        description="Feeds DIR into the QEMU at --qmp (started with -incoming defer and the "
+        "same machine type and -m): sets multifd there, then sends every block over the "
+        "multifd channels and the device state; the VM runs on afterwards.",
+    )
+    p.add_argument("dir", type=Path, help="a folder written by multifd save")
+    p.add_argument("--qmp", required=True, help="the QEMU's QMP socket (unix:PATH or a path)")
+    p.add_argument("--channels", type=int, help="multifd channels (default: as saved)")
+    p.set_defaults(func=_restore)
     return parser
 
 

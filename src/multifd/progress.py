@@ -154,3 +154,55 @@ def info_migrate_text(info: dict[str, Any], capabilities: dict[str, bool] | None
             f"{channel['pages']} pages, {channel['bytes'] >> 10} kbytes{error}"
         )
     return "\n".join(lines)
+
+
+def qemu_progress_table(qemu: dict[str, Any], ours: dict[str, Any]) -> Table:
+    """Progress of a migration between a real QEMU and us, as both report it."""
+    table = Table(box=None, show_edge=False)
+    for column in ("QEMU", "sent", "remaining", "throughput", "multifd", "ours", "received"):
+        table.add_column(column, justify="right")
+    ram = qemu.get("ram", {})
+    our_ram = ours.get("ram", {})
+    table.add_row(
+        qemu.get("status", "?"),
+        human(ram.get("transferred", 0)),
+        human(ram.get("remaining", 0)),
+        f"{ram.get('mbps', 0) / 8000:.2f} GB/s",
+        f"{len(ours.get('x-multifd-channels', []))} channels",
+        ours.get("status", "?"),
+        human(our_ram.get("transferred", 0)),
+    )
+    return table
+
+
+def render_snapshot(manifest: dict[str, Any], console: Console) -> None:
+    """What `multifd save` wrote, with QEMU's figures beside ours."""
+    qemu = manifest["query-migrate"]
+    ours = manifest["destination"]
+    table = Table(title="snapshot", title_justify="left", show_header=False)
+    table.add_column()
+    table.add_column()
+    table.add_row("machine type", manifest["machine-type"])
+    table.add_row("QEMU", manifest["qemu-version"].get("package", "") or "")
+    table.add_row("QEMU status", qemu.get("status", "?"))
+    table.add_row("channels", f"{manifest['channels']} ({manifest['compression']})")
+    table.add_row("total time (QEMU)", f"{qemu.get('total-time', 0)} ms")
+    table.add_row("downtime (QEMU)", f"{qemu.get('downtime', 0)} ms")
+    table.add_row(
+        "pages (QEMU)",
+        f"{qemu['ram']['normal']} normal, {qemu['ram']['duplicate']} zero",
+    )
+    table.add_row(
+        "pages (received)",
+        f"{ours['ram']['normal']} normal, {ours['ram']['duplicate']} zero",
+    )
+    table.add_row("device sections", str(len(manifest["device-sections"])))
+    console.print(table)
+    blocks = Table(title="RAM blocks", title_justify="left")
+    for column in ("block", "size", "file", "sha256"):
+        blocks.add_column(column)
+    for block in manifest["blocks"]:
+        blocks.add_row(
+            block["name"], human(block["used_length"]), block["file"], block["sha256"][:16]
+        )
+    console.print(blocks)

@@ -169,3 +169,37 @@ def test_channel_count_mismatch_is_refused(tmp_path: Path) -> None:
     assert qemu["status"] != "completed", (qemu, ours)
     assert ours["status"] == "failed", (qemu, ours)
     assert "channel" in ours["error-desc"], (qemu, ours)
+
+
+def test_save_and_restore_commands(tmp_path: Path) -> None:
+    """The two commands as an operator runs them, in subprocesses."""
+    import subprocess
+    import sys
+
+    folder = tmp_path / "snap"
+    with QemuVM(tmp_path, "source") as vm:
+        vm.wait_for_serial(b"BB")
+        saved = subprocess.run(
+            [sys.executable, "-m", "multifd", "save", "--qmp", vm.qmp, str(folder),
+             "--channels", "3"],
+            capture_output=True, text=True, timeout=120, check=False,
+        )  # fmt: skip
+        assert saved.returncode == 0, saved.stderr
+        assert "pc-i440fx-7.2" in saved.stdout and "pc.ram" in saved.stdout
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["channels"] == 3
+    again = subprocess.run(
+        [sys.executable, "-m", "multifd", "save", "--qmp", "unix:/nonexistent.qmp",
+         str(folder)],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert again.returncode == 1
+    assert "already holds a snapshot" in again.stderr
+    with QemuVM(tmp_path, "destination", incoming=True) as vm:
+        restored = subprocess.run(
+            [sys.executable, "-m", "multifd", "restore", str(folder), "--qmp", vm.qmp],
+            capture_output=True, text=True, timeout=120, check=False,
+        )  # fmt: skip
+        assert restored.returncode == 0, restored.stderr
+        assert "VM running" in restored.stdout
+        vm.wait_for_serial(b"B")
