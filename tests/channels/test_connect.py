@@ -84,11 +84,11 @@ def test_a_multifd_channel_that_cannot_connect_fails_all_and_closes_all(
     opened: list[str] = []
     real_connect = connect_module.connect_socket
 
-    def flaky(uri: Any, name: str, timeout: float | None) -> socket.socket:
+    def flaky(uri: Any, name: str, timeout: float | None, **options: Any) -> socket.socket:
         if name in ("channel 2", "channel 3"):
             raise ChannelError(name, f"connect to {uri} failed: [Errno 111] Connection refused")
         opened.append(name)
-        return real_connect(uri, name, timeout)
+        return real_connect(uri, name, timeout, **options)
 
     monkeypatch.setattr(connect_module, "connect_socket", flaky)
     with pytest.raises(ChannelError) as info:

@@ -244,12 +244,38 @@ def test_refuses_a_peer_stalling_mid_init(
 def test_refuses_a_connection_beyond_n(listener: Listener, raw_connect: Connect) -> None:
     send_source(raw_connect, listener.uri, ["main", 0, 1, 2, 3])
     with listener.wait(10) as destination:
-        extra = raw_connect(listener.uri)  # refused unread, whatever it would send
+        extra = raw_connect(listener.uri)
+        extra.sendall(HEADER)  # not a multifd channel: a stray peer
         wait_closed_by_listener(extra)
         check_placed(destination)
     (refusal,) = listener.refusals
     assert refusal.startswith("incoming connection #6 ")
     assert refusal.endswith(": Extra incoming migration connection; ignoring")
+    assert listener.mismatches == []  # a stray peer does not condemn the migration
+
+
+@pytest.mark.parametrize(
+    ("first_bytes", "reason"),
+    [
+        (init(N), f"channel id {N}, expected below multifd-channels ({N})"),
+        (init(1), "multifd: received id '1' already setup"),
+        (init(0, uuid=bytes(16)), "multifd: received uuid '00000000-"),
+    ],
+)
+def test_a_source_set_up_differently_is_a_mismatch(
+    listener: Listener, raw_connect: Connect, first_bytes: bytes, reason: str
+) -> None:
+    """More channels than ours, a channel twice, another UUID: that source's pages
+    on the refused channel would be lost, so the owner must fail the migration."""
+    send_source(raw_connect, listener.uri, ["main", 0, 1, 2, 3])
+    with listener.wait(10) as destination:
+        extra = raw_connect(listener.uri)
+        extra.sendall(first_bytes)
+        wait_closed_by_listener(extra)
+        check_placed(destination)
+    (mismatch,) = listener.mismatches
+    assert reason in mismatch
+    assert listener.refusals == [mismatch]
 
 
 def test_refuses_multifd_when_it_is_off(

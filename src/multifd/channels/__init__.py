@@ -2,7 +2,7 @@
 stream with vectored I/O, TLS, and gathering a migration's channels on either side."""
 
 from .channel import IOV_MAX, Buffer, Channel, Connections
-from .connect import CONNECT_TIMEOUT, connect_channels
+from .connect import CONNECT_TIMEOUT, ConnectAbort, connect_channels
 from .errors import ChannelEOFError, ChannelError, ChannelTimeoutError, TLSError
 from .listener import HANDSHAKE_TIMEOUT, Listener
 from .tls import TLSConfig, certificate_subject
@@ -29,6 +29,7 @@ __all__ = [
     "ChannelEOFError",
     "ChannelError",
     "ChannelTimeoutError",
+    "ConnectAbort",
     "Connections",
     "ExecURI",
     "FdURI",

@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 
 HANDSHAKE_TIMEOUT = 10.0
 
+_EXTRA = "Extra incoming migration connection; ignoring"
 _MAIN_MAGIC = struct.pack(">I", QEMU_VM_FILE_MAGIC)
 _MULTIFD_MAGIC = struct.pack(">I", MULTIFD_MAGIC)
 # accept() errors that concern one connection, not the listening socket.
@@ -40,6 +41,11 @@ _TRANSIENT_ACCEPT_ERRORS = {errno.ECONNABORTED, errno.EPROTO, errno.EINTR, errno
 
 class _Refused(Exception):
     """A connection the listener turns away; the message says why."""
+
+
+class _Mismatch(_Refused):
+    """A multifd channel of a source set up differently (UUID, more channels, a
+    duplicate id): its pages would be lost, so the migration must fail."""
 
 
 class Listener:
@@ -84,6 +90,7 @@ class Listener:
         self._main: Channel | None = None
         self._multifd: list[Channel | None] = [None] * channels
         self._refusals: list[str] = []
+        self._mismatches: list[str] = []
         self._failure: ChannelError | None = None
         self._pending: dict[int, socket.socket] = {}  # in handshake, by connection number
         self._handshakes: list[threading.Thread] = []
@@ -125,6 +132,15 @@ class Listener:
         """Every connection refused so far, one message each, oldest first."""
         with self._lock:
             return list(self._refusals)
+
+    @property
+    def mismatches(self) -> list[str]:
+        """The refusals of multifd channels that a source really sent (a wrong
+        UUID, an id beyond multifd-channels, a duplicate id, one channel too
+        many). Whatever that source writes on them is lost: a migration with
+        any of them must fail, as QEMU's does."""
+        with self._lock:
+            return list(self._mismatches)
 
     def has_all_channels(self) -> bool:
         """The main channel and every multifd channel are in (QEMU's
@@ -245,13 +261,12 @@ class Listener:
             if self._closed:  # close() has already ended the handshakes it knew of
                 conn.close()
                 return
-            if self._complete():
-                self._refuse_locked(label, "Extra incoming migration connection; ignoring")
-                conn.close()
-                return
+            # Past the last channel a connection is extra; its first bytes still
+            # tell a source with more channels than ours from a stray peer.
+            extra = self._complete()
             thread = threading.Thread(
                 target=self._handshake,
-                args=(number, conn, label),
+                args=(number, conn, label, extra),
                 name=f"multifd-handshake-{number}",
             )
             self._pending[number] = conn
@@ -280,7 +295,7 @@ class Listener:
 
     # ---- one handshake thread per connection ----------------------------------
 
-    def _handshake(self, number: int, conn: socket.socket, label: str) -> None:
+    def _handshake(self, number: int, conn: socket.socket, label: str, extra: bool) -> None:
         deadline = time.monotonic() + self._handshake_timeout
         stage = "TLS handshake" if self._tls is not None else "channel magic"
         sock = conn
@@ -293,6 +308,8 @@ class Listener:
                 stage = "channel magic"
             channel = Channel(sock, label, timeout=_remaining(deadline))
             magic = channel.read_exact(4)
+            if extra and magic != _MULTIFD_MAGIC:
+                raise _Refused(_EXTRA)
             if magic == _MAIN_MAGIC:
                 channel.unread(magic)  # the stream decoder reads the header from byte 0
                 self._place(number, channel, None, label)
@@ -304,16 +321,21 @@ class Listener:
             stage = "multifd init packet"
             channel.timeout = _remaining(deadline)
             init = MultiFDInit.unpack(magic + channel.read_exact(INIT_SIZE - 4))
-            init.check(self._uuid, self._channels)
+            try:
+                init.check(self._uuid, self._channels)
+            except WireError as exc:
+                raise _Mismatch(exc.message) from None
             self._place(number, channel, init.channel_id, label)
         except ChannelTimeoutError:
-            self._refuse(
-                number,
-                label,
-                f"{stage} not received within the handshake timeout "
-                f"({self._handshake_timeout:g} s); ignoring",
-                channel or sock,
+            reason = (
+                _EXTRA
+                if extra and stage == "channel magic"
+                else f"{stage} not received within the handshake timeout "
+                f"({self._handshake_timeout:g} s); ignoring"
             )
+            self._refuse(number, label, reason, channel or sock)
+        except _Mismatch as exc:
+            self._refuse(number, label, str(exc), channel or sock, mismatch=True)
         except (_Refused, WireError) as exc:
             reason = exc.message if isinstance(exc, WireError) else str(exc)
             self._refuse(number, label, reason, channel or sock)
@@ -356,24 +378,32 @@ class Listener:
                 channel.timeout = None
                 self._changed.notify_all()
             elif refusal is not None:
-                self._refuse_locked(label, refusal)
+                self._refuse_locked(label, refusal, mismatch=channel_id is not None)
         if not placed:
             channel.close()
 
     def _refuse(
-        self, number: int, label: str | None, reason: str, stream: Channel | socket.socket
+        self,
+        number: int,
+        label: str | None,
+        reason: str,
+        stream: Channel | socket.socket,
+        *,
+        mismatch: bool = False,
     ) -> None:
         """Record why (unless we are closing: then the failure is our own doing),
         and only then close, so a peer that sees its connection end finds the reason."""
         with self._lock:
             self._pending.pop(number, None)
             if not self._closed:
-                self._refuse_locked(label, reason)
+                self._refuse_locked(label, reason, mismatch=mismatch)
         stream.close()
 
-    def _refuse_locked(self, label: str | None, reason: str) -> None:
+    def _refuse_locked(self, label: str | None, reason: str, *, mismatch: bool = False) -> None:
         message = f"{label}: {reason}" if label else reason
         self._refusals.append(message)
+        if mismatch:
+            self._mismatches.append(message)
         log.warning("%s", message)
 
     # ---- state, under the lock ------------------------------------------------

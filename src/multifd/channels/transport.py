@@ -9,6 +9,7 @@ import os
 import socket
 import stat
 import subprocess
+from collections.abc import Callable
 
 from .channel import Channel
 from .errors import ChannelError, ChannelTimeoutError, os_error_text
@@ -41,21 +42,22 @@ def check_setup(target: MigrationURI, channels: int, uuid: bytes, tls: TLSConfig
         raise URIError(str(target), "TLS (tls-creds) needs tcp: or unix:", show_forms=False)
 
 
-def connect_socket(uri: SocketURI, name: str, timeout: float | None) -> socket.socket:
-    """A connected stream socket (TCP_NODELAY on TCP), with `timeout` applied to the connect."""
+def connect_socket(
+    uri: SocketURI,
+    name: str,
+    timeout: float | None,
+    *,
+    watch: Callable[[socket.socket], None] | None = None,
+) -> socket.socket:
+    """A connected stream socket (TCP_NODELAY on TCP), with `timeout` applied to the
+    connect. `watch` sees each socket before it connects, so that another thread
+    can shut it down to end a connect that waits (see `ConnectAbort`)."""
     try:
         if isinstance(uri, TcpURI):
-            sock = socket.create_connection((uri.host, uri.port), timeout=timeout)
+            sock = _connect_tcp(uri, timeout, watch)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             return sock
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            sock.settimeout(timeout)
-            sock.connect(uri.path)
-        except BaseException:
-            sock.close()
-            raise
-        return sock
+        return _connect(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM), uri.path, timeout, watch)
     except TimeoutError:
         raise ChannelTimeoutError(
             name, f"connect to {uri} timed out after {timeout:g} s", errno=errno.ETIMEDOUT
@@ -64,6 +66,39 @@ def connect_socket(uri: SocketURI, name: str, timeout: float | None) -> socket.s
         raise ChannelError(
             name, f"connect to {uri} failed: {os_error_text(exc)}", errno=exc.errno
         ) from None
+
+
+def _connect_tcp(
+    uri: TcpURI, timeout: float | None, watch: Callable[[socket.socket], None] | None
+) -> socket.socket:
+    """socket.create_connection, each socket shown to `watch` before it connects:
+    every address in turn; if none connects, the first address's error."""
+    errors: list[OSError] = []
+    for family, kind, proto, _, address in socket.getaddrinfo(
+        uri.host, uri.port, type=socket.SOCK_STREAM
+    ):
+        try:
+            return _connect(socket.socket(family, kind, proto), address, timeout, watch)
+        except OSError as exc:
+            errors.append(exc)
+    raise errors[0] if errors else OSError(f"no address found for {uri.host!r}")
+
+
+def _connect(
+    sock: socket.socket,
+    address: object,
+    timeout: float | None,
+    watch: Callable[[socket.socket], None] | None,
+) -> socket.socket:
+    try:
+        if watch is not None:
+            watch(sock)
+        sock.settimeout(timeout)
+        sock.connect(address)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 def listen_socket(uri: SocketURI, backlog: int) -> tuple[socket.socket, SocketURI]:

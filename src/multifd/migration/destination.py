@@ -35,6 +35,7 @@ from ..wire import (
     SectionStart,
     VMCommand,
     VMDescription,
+    Where,
     WireError,
     XbzrlePage,
     ZeroPage,
@@ -222,10 +223,10 @@ class MigrationDestination:
     def _run(self, settings: MigrationSettings, listener: Listener) -> None:
         try:
             connections = listener.wait()
+            # The listener stays open until the end: a source with more channels
+            # than ours may still connect one, and must then fail (see _sync).
             with self._lock:
                 self._connections = connections
-                self._listener = None
-            listener.close()
             if self._cancel.is_set():
                 raise MigrationAborted
             self.state.set(MigrationStatus.ACTIVE)
@@ -320,6 +321,7 @@ class MigrationDestination:
                 pass
         if decoder.state.name != "DONE":
             raise WireError("main stream ended before QEMU_VM_EOF", where=decoder.reader.where)
+        self._check_channels()
         # Every page has landed (the last EOS synced every channel): resume.
         with self._lock:
             receiver, self._receiver = self._receiver, None
@@ -346,6 +348,19 @@ class MigrationDestination:
     def _sync(self, label: str) -> None:
         if self._receiver is not None:
             self._receiver.sync(label)
+        self._check_channels()
+
+    def _check_channels(self) -> None:
+        """A refused channel of a source set up differently (more channels, a
+        duplicate id, another UUID) carried pages we never read: fail, as QEMU
+        does, rather than resume with memory that is silently incomplete."""
+        listener = self._listener
+        mismatches = listener.mismatches if listener is not None else []
+        if mismatches:
+            raise WireError(
+                f"the source is set up differently: {mismatches[0]}",
+                where=Where(channel=None),
+            )
 
     def _check_configuration(self, config: Configuration, settings: MigrationSettings) -> None:
         self.configuration = config
@@ -388,13 +403,16 @@ class MigrationDestination:
             self._receiver = None
             self._connections = None
             self._listener = None
+        # Failed or cancelled: reset the connections, so that a source blocked
+        # writing into a full window fails at once rather than at its timeout.
+        reset = self.state.status is not MigrationStatus.COMPLETED
         if receiver is not None:
             self._last_channel_stats = receiver.stats
-            receiver.close()
+            receiver.close(reset=reset)
         if connections is not None:
             self.ram.main_bytes = connections.main.bytes_read
             connections.shutdown()
-            connections.close()
+            connections.close(reset=reset)
         self._end_time = self._end_time or time.monotonic()
         if self.state.status is MigrationStatus.COMPLETED:
             return

@@ -111,9 +111,10 @@ class MultifdReceiver:
         for rc in self.channels:
             rc.channel.shutdown()
 
-    def close(self) -> None:
+    def close(self, *, reset: bool = False) -> None:
         """Stop and join every thread (a thread reading the next header gets EOF
-        once its channel is shut down), then close every channel."""
+        once its channel is shut down), then close every channel; `reset` when
+        the migration is abandoned (see `Channel.close`)."""
         with self._cond:
             self._finishing = True
         self.abort()
@@ -121,7 +122,7 @@ class MultifdReceiver:
             if rc.thread is not None:
                 rc.thread.join()
         for rc in self.channels:
-            rc.channel.close()
+            rc.channel.close(reset=reset)
 
     def _count_repeats(self) -> int:
         """QEMU 7.2 sources send the last page of a full packet again at the head
@@ -159,7 +160,9 @@ class MultifdReceiver:
             if isinstance(exc, WireError):
                 message = str(exc)
             else:
-                detail = exc.message if isinstance(exc, ChannelError) else str(exc)
+                detail = (
+                    exc.message if isinstance(exc, ChannelError | ChannelEOFError) else str(exc)
+                )
                 message = f"channel {rc.stats.id}: packet {rc.stats.packets}: {detail}"
             rc.stats.error = message
             self._on_error(message)

@@ -165,9 +165,14 @@ class MultifdSender:
                 self._write(sc, job)
                 sc.stats.busy_ns += time.perf_counter_ns() - started
             except Exception as exc:
-                detail = exc.message if isinstance(exc, ChannelError) else str(exc)
-                sc.stats.error = f"channel {sc.stats.id}: packet {sc.stats.packets}: {detail}"
-                self._on_error(sc.stats.error)
+                with self._cond:
+                    # After abort() shut this channel down, its error is a
+                    # consequence: the channel's figures must not blame it.
+                    quiet = self._aborted
+                if not quiet:
+                    detail = exc.message if isinstance(exc, ChannelError) else str(exc)
+                    sc.stats.error = f"channel {sc.stats.id}: packet {sc.stats.packets}: {detail}"
+                    self._on_error(sc.stats.error)
                 with self._cond:
                     sc.job = None
                     self._aborted = True

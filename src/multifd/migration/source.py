@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from ..channels import ChannelError, Connections, connect_channels, parse_uri
+from ..channels import ChannelError, ConnectAbort, Connections, connect_channels, parse_uri
 from ..memory import RAMBlock, choose_tracker, zero_mask
 from ..wire import (
     PAGES_PER_PACKET,
@@ -104,6 +104,8 @@ class MigrationSource:
         self._cancel = threading.Event()
         self._lock = threading.Lock()
         self._connections: Connections | None = None
+        # Lets cancel() end a connect or TLS handshake that waits on the peer.
+        self._connecting = ConnectAbort()
         self._sender: MultifdSender | None = None
         self._reset_counters()
 
@@ -140,6 +142,8 @@ class MigrationSource:
         tls = tls_config(settings)
         self._reset_counters()
         self._cancel.clear()
+        with self._lock:
+            self._connecting = ConnectAbort()
         self.state.set(MigrationStatus.SETUP)
         self._thread = threading.Thread(
             target=self._run, args=(target, settings, tls), name="migration", daemon=True
@@ -160,6 +164,7 @@ class MigrationSource:
                 return
             self._cancel.set()
             self.state.set(MigrationStatus.CANCELLING)
+            self._connecting.abort()
             if self._sender is not None:
                 self._sender.abort()
             if self._connections is not None:
@@ -234,9 +239,11 @@ class MigrationSource:
                 self._connections.shutdown()
 
     def _run(self, target, settings: MigrationSettings, tls) -> None:
+        # Filled by _setup as each tracker is made, so that a failure or cancel
+        # in setup still closes them (a kernel tracker holds fds and protection).
         trackers: list = []
         try:
-            trackers = self._setup(target, settings, tls)
+            self._setup(target, settings, tls, trackers)
             self.state.set(MigrationStatus.ACTIVE)
             dirty = [
                 np.arange(b.used_length // TARGET_PAGE_SIZE, dtype=np.int64) for b in self.blocks
@@ -252,7 +259,7 @@ class MigrationSource:
         finally:
             self._cleanup(trackers)
 
-    def _setup(self, target, settings: MigrationSettings, tls) -> list:
+    def _setup(self, target, settings: MigrationSettings, tls, trackers: list) -> None:
         multifd = settings.capability("multifd")
         channels = settings.parameter("multifd-channels") if multifd else 0
         profile = PROFILES[settings.parameter("x-stream-profile")]
@@ -262,7 +269,12 @@ class MigrationSource:
         )
         header = FileHeader().pack() + config.pack()
         connections = connect_channels(
-            target, header=header, channels=channels, uuid=self.uuid, tls=tls
+            target,
+            header=header,
+            channels=channels,
+            uuid=self.uuid,
+            tls=tls,
+            abort=self._connecting,
         )
         with self._lock:
             self._connections = connections
@@ -289,7 +301,6 @@ class MigrationSource:
                 self._sender = sender
             sender.start()
 
-        trackers = []
         preference = settings.parameter("x-dirty-tracker")
         for block in self.blocks:
             tracker = choose_tracker(block, preference)
@@ -304,7 +315,6 @@ class MigrationSource:
         self._main.write(SectionStart(self._ram_section_id, "ram", 0, 4).pack() + mem_size.pack())
         self._end_section()
         self._setup_time = time.monotonic() - self._start_time
-        return trackers
 
     def _iterate(self, settings: MigrationSettings, trackers: list, dirty: list) -> list:
         limit_s = settings.parameter("downtime-limit") / 1000
@@ -314,6 +324,8 @@ class MigrationSource:
             self._round += 1
             started = time.monotonic()
             sent_before = self._bytes_sent()
+            pages_before = self.ram.normal + self.ram.duplicate
+            self.ram.remaining = sum(len(d) for d in dirty) * TARGET_PAGE_SIZE
             self._main.write(SectionPart(self._ram_section_id).pack())
             self._send_pages(settings, dirty, started)
             self._end_section()
@@ -321,6 +333,8 @@ class MigrationSource:
             sent = self._bytes_sent() - sent_before
             self.ram.precopy_bytes += sent
             bandwidth = sent / elapsed
+            pages = self.ram.normal + self.ram.duplicate - pages_before
+            self.ram.pages_per_second = int(pages / elapsed)
             dirty = [t.collect().indices() for t in trackers]
             dirty_pages = sum(len(d) for d in dirty)
             self.ram.dirty_sync_count += 1
@@ -358,12 +372,15 @@ class MigrationSource:
         # Switchover: the workload stops, the last round and the state go out.
         stop_ns = time.time_ns()
         stopped_at = time.monotonic()
+        # Set first: an on_stop that fails may have stopped part of the workload,
+        # and resuming a running one is harmless (QEMU's vm_was_running).
+        self._stopped = True
         if self._on_stop is not None:
             self._on_stop()
-        self._stopped = True
         self.state.set(MigrationStatus.DEVICE)
         dirty = [np.union1d(d, t.collect().indices()) for d, t in zip(dirty, trackers, strict=True)]
         self.ram.dirty_sync_count += 1
+        self.ram.remaining = sum(len(d) for d in dirty) * TARGET_PAGE_SIZE
         self._pass_event()
         sent_before = self._bytes_sent()
         self._main.write(SectionPart(self._ram_section_id, end=True).pack())
@@ -423,6 +440,8 @@ class MigrationSource:
                     else:
                         self._send_on_main(block.name, buffer, normal)
                     self.ram.normal += len(normal)
+                # query() shows the round's progress, as QEMU's dirty-page count does.
+                self.ram.remaining = max(0, self.ram.remaining - len(chunk) * TARGET_PAGE_SIZE)
                 if max_bandwidth:
                     self._rate_limit(max_bandwidth, started, sent_before)
 
@@ -476,9 +495,9 @@ class MigrationSource:
             return
         if self._stopped and self._on_resume is not None:
             # The source keeps running: the failed switchover is undone.
-            self._on_resume()
+            self._undo(self._on_resume)
         if self._throttle_percent and self._throttle is not None:
-            self._throttle(0)
+            self._undo(self._throttle, 0)
         if self._cancel.is_set() and self.state.error is None:
             self.state.set(MigrationStatus.CANCELLING)
             self.state.set(MigrationStatus.CANCELLED)
@@ -486,3 +505,12 @@ class MigrationSource:
             if self.state.error is None:
                 self.state.fail("migration stopped without an error message")
             self.state.set(MigrationStatus.FAILED)
+
+    def _undo(self, callback: Callable[..., None], *args: Any) -> None:
+        """Call the application on the way out. If it raises, that becomes the
+        migration's error: the state must still reach failed or cancelled, or
+        the source could never migrate again."""
+        try:
+            callback(*args)
+        except Exception as exc:
+            self.state.fail(f"internal error: {type(exc).__name__}: {exc}")

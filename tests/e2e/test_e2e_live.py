@@ -1,0 +1,102 @@
+"""Whole live migrations in one process: every channel count, plain pre-copy,
+zlib and zstd, tcp and unix, with a workload writing throughout; the
+destination's memory must equal the source's, frozen since switchover."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+from e2e_support import TRANSPORTS, MiB, Migration, write_pages
+
+LIVE_RATE = 32 * MiB  # bytes per second the workload rewrites: 4 blocks a second
+# Pages the test itself rewrites between rounds, so that every migration has
+# writes after round 1, whatever the workload manages to do meanwhile.
+BETWEEN_ROUNDS = np.arange(5, 2048, 37)
+
+CASES = [
+    *[(transport, channels, "none") for transport in TRANSPORTS for channels in (1, 2, 4, 8)],
+    *[(transport, 0, "none") for transport in TRANSPORTS],  # plain pre-copy
+    *[(transport, 4, method) for transport in TRANSPORTS for method in ("zlib", "zstd")],
+]
+
+
+def _options(channels: int, compression: str) -> dict:
+    if not channels:
+        return {"capabilities": {"multifd": False}}
+    return {
+        "parameters": {"multifd-channels": channels, "multifd-compression": compression},
+    }
+
+
+def _write_while_active(m: Migration) -> Callable[[int], None]:
+    def on_pass(n: int) -> None:
+        if not m.stopped:
+            write_pages(m.src_blocks[0], BETWEEN_ROUNDS)
+
+    return on_pass
+
+
+@pytest.mark.parametrize(("transport", "channels", "compression"), CASES)
+def test_live_migration(
+    migration: Callable[..., Migration], transport: str, channels: int, compression: str
+) -> None:
+    m = migration(transport=transport, workload_rate=LIVE_RATE, **_options(channels, compression))
+    m.on_pass = _write_while_active(m)
+    src, dst = m.assert_completed()
+
+    assert m.statuses("source") == ["setup", "active", "device", "completed"]
+    assert m.statuses("destination") == ["setup", "active", "completed"]
+    assert m.stops == 1 and m.source_resumes == 0
+    assert src["x-rounds"] >= 1
+    assert dst["x-rounds"] == src["ram"]["dirty-sync-count"]  # one EOS per sync
+    assert len(src["x-multifd-channels"]) == channels
+    assert [c["id"] for c in dst["x-multifd-channels"]] == list(range(channels))
+    for side in (src, dst):
+        assert side["ram"]["transferred"] > 0
+        for channel in side["x-multifd-channels"]:
+            assert channel["error"] is None
+            assert channel["sync-packets"] == src["ram"]["dirty-sync-count"]
+    # Both ends counted the same pages, and the same bytes on the channels.
+    for key in ("normal", "duplicate", "multifd-bytes", "transferred"):
+        assert src["ram"][key] == dst["ram"][key], key
+    if channels:
+        assert src["ram"]["multifd-bytes"] > 0
+        assert sum(c["pages"] for c in src["x-multifd-channels"]) == src["ram"]["normal"]
+    else:
+        assert src["ram"]["multifd-bytes"] == 0
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_several_blocks(migration: Callable[..., Migration], transport: str) -> None:
+    """Blocks of different sizes, one of a single page: a packet never mixes
+    blocks, and each lands in the block of its name."""
+    m = migration(
+        transport=transport,
+        sizes=(4 * MiB, 4096, 12 * MiB),
+        parameters={"multifd-channels": 3},
+        workload_rate=LIVE_RATE,
+    )
+
+    def on_pass(n: int) -> None:
+        if not m.stopped:
+            for block in m.src_blocks:
+                write_pages(block, [0, block.pages - 1])
+
+    m.on_pass = on_pass
+    src, _ = m.assert_completed()
+    assert src["ram"]["total"] == 16 * MiB + 4096
+
+
+def test_same_endpoints_migrate_again(migration: Callable[..., Migration]) -> None:
+    """A completed migration leaves nothing behind: the same source, destination,
+    blocks and port migrate again (the workload wrote in between)."""
+    m = migration(parameters={"multifd-channels": 2}, workload_rate=LIVE_RATE)
+    m.assert_completed()
+    first_port = m.uri
+    m.workload.resume()
+    write_pages(m.src_blocks[0], BETWEEN_ROUNDS)
+    m.assert_completed()
+    assert m.uri == first_port
+    assert m.statuses("source").count("completed") == 2

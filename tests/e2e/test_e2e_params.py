@@ -1,0 +1,219 @@
+"""Invalid capabilities, parameters and URIs are refused, in QEMU's words,
+before anything starts: no thread, no socket, no file, the status untouched,
+and the settings as they were."""
+
+from __future__ import annotations
+
+import re
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from e2e_support import MiB, Migration
+
+from multifd.channels import URIError
+from multifd.memory import RAMBlock
+from multifd.migration.destination import MigrationDestination
+from multifd.migration.params import MigrationConfigError
+from multifd.migration.source import MigrationSource
+
+BAD_PARAMETERS = [
+    (
+        {"multifd-channels": 0},
+        "Parameter 'multifd-channels' expects an integer in the range of 1 to 255",
+    ),
+    (
+        {"multifd-channels": 256},
+        "Parameter 'multifd-channels' expects an integer in the range of 1 to 255",
+    ),
+    ({"multifd-compression": "lz4"}, "Parameter 'multifd-compression' does not accept value 'lz4'"),
+    (
+        {"downtime-limit": 2_000_001},
+        "Parameter 'downtime-limit' expects an integer in the range of 0 to 2000000 milliseconds",
+    ),
+    ({"max-bandwidth": -1}, "Parameter 'max-bandwidth' expects an integer in the range of 0"),
+    (
+        {"max-bandwidth": "fast"},
+        "Invalid parameter type for 'max-bandwidth', expected: integer",
+    ),
+    ({"multifd-channels": "4"}, "Invalid parameter type for 'multifd-channels', expected: integer"),
+    ({"multifd-channels": 2.0}, "Invalid parameter type for 'multifd-channels', expected: integer"),
+    (
+        {"multifd-channels": True},
+        "Invalid parameter type for 'multifd-channels', expected: integer",
+    ),
+    (
+        {"multifd-compression": 1},
+        "Invalid parameter type for 'multifd-compression', expected: string",
+    ),
+    ({"multifd-zstd-level": 21}, "Parameter 'multifd-zstd-level' expects an integer in the range"),
+    ({"x-dirty-tracker": "magic"}, "Parameter 'x-dirty-tracker' does not accept value 'magic'"),
+    ({"no-such-parameter": 1}, "Parameter 'no-such-parameter' is unexpected"),
+    # One bad entry refuses the whole request: the good one is not applied either.
+    ({"multifd-channels": 8, "downtime-limit": -5}, "Parameter 'downtime-limit' expects"),
+]
+
+BAD_CAPABILITIES = [
+    ({"xbzrle": True}, "Capability 'xbzrle' is not supported by this implementation"),
+    ({"postcopy-ram": True}, "Capability 'postcopy-ram' is not supported"),
+    ({"no-such-capability": True}, "Parameter 'capability' does not accept value"),
+    ({"multifd": "yes"}, "Invalid parameter type for 'state' of 'multifd', expected: boolean"),
+    ({"multifd": True, "compress": True}, "Capability 'compress' is not supported"),
+]
+
+MULTIFD_REFUSED = ["exec:cat > /dev/null", "file:{tmp}/stream", "fd:0"]
+MALFORMED = [
+    ("tcp:127.0.0.1", "tcp: needs HOST:PORT"),
+    ("tcp:127.0.0.1:65536", "port '65536' is not a number from 0 to 65535"),
+    ("tcp:::1:4444", "an IPv6 address needs brackets"),
+    ("tcp:host:1,to=2", "tcp: options"),
+    ("unix:", "unix: needs a socket path"),
+    ("bogus:anything", "unknown migration protocol: bogus"),
+    ("no-protocol", "no protocol before ':'"),
+    ("rdma:127.0.0.1:4444", "the rdma: protocol is not supported here"),
+]
+
+
+@pytest.fixture
+def blocks() -> Iterator[list[RAMBlock]]:
+    made = [RAMBlock.anonymous("pc.ram", 4 * MiB)]
+    yield made
+    for block in made:
+        block.close()
+
+
+@pytest.fixture
+def nothing_starts() -> Iterator[None]:
+    """The test must leave the thread list exactly as it found it."""
+    before = set(threading.enumerate())
+    yield
+    assert set(threading.enumerate()) == before
+
+
+def _endpoint(side: str, blocks: list[RAMBlock], **settings: Any) -> Any:
+    cls = MigrationSource if side == "source" else MigrationDestination
+    return cls(blocks, **settings)
+
+
+@pytest.mark.parametrize("side", ["source", "destination"])
+@pytest.mark.parametrize(("values", "message"), BAD_PARAMETERS)
+def test_bad_parameters_refused(
+    blocks: list[RAMBlock], nothing_starts: None, side: str, values: dict, message: str
+) -> None:
+    with pytest.raises(MigrationConfigError, match="^" + _literal(message)):
+        _endpoint(side, blocks, parameters=values)
+    endpoint = _endpoint(side, blocks, capabilities={"multifd": True})
+    before = endpoint.settings.query_parameters()
+    with pytest.raises(MigrationConfigError, match="^" + _literal(message)):
+        endpoint.set_parameters(values)
+    assert endpoint.settings.query_parameters() == before
+    assert endpoint.query() == {"status": "none"}
+
+
+@pytest.mark.parametrize("side", ["source", "destination"])
+@pytest.mark.parametrize(("states", "message"), BAD_CAPABILITIES)
+def test_bad_capabilities_refused(
+    blocks: list[RAMBlock], nothing_starts: None, side: str, states: dict, message: str
+) -> None:
+    with pytest.raises(MigrationConfigError, match="^" + _literal(message)):
+        _endpoint(side, blocks, capabilities=states)
+    endpoint = _endpoint(side, blocks)
+    before = endpoint.settings.query_capabilities()
+    with pytest.raises(MigrationConfigError, match="^" + _literal(message)):
+        endpoint.set_capabilities(states)
+    # QMP's list form is checked the same way.
+    with pytest.raises(MigrationConfigError, match="^" + _literal(message)):
+        endpoint.set_capabilities([{"capability": k, "state": v} for k, v in states.items()])
+    assert endpoint.settings.query_capabilities() == before
+    assert endpoint.query() == {"status": "none"}
+
+
+@pytest.mark.parametrize("side", ["source", "destination"])
+@pytest.mark.parametrize("uri", MULTIFD_REFUSED)
+def test_multifd_refused_on_single_stream_transports(
+    blocks: list[RAMBlock], nothing_starts: None, tmp_path: Path, side: str, uri: str
+) -> None:
+    uri = uri.format(tmp=tmp_path)
+    endpoint = _endpoint(side, blocks, capabilities={"multifd": True})
+    start = endpoint.migrate if side == "source" else endpoint.incoming
+    with pytest.raises(URIError, match="multifd is not supported by current protocol"):
+        start(uri)
+    assert endpoint.query() == {"status": "none"}
+    assert list(tmp_path.iterdir()) == []  # file: created nothing
+
+
+@pytest.mark.parametrize("side", ["source", "destination"])
+@pytest.mark.parametrize(("uri", "message"), MALFORMED)
+def test_malformed_uri_refused(
+    blocks: list[RAMBlock], nothing_starts: None, side: str, uri: str, message: str
+) -> None:
+    endpoint = _endpoint(side, blocks, capabilities={"multifd": True})
+    start = endpoint.migrate if side == "source" else endpoint.incoming
+    with pytest.raises(URIError, match=_literal(message)) as refused:
+        start(uri)
+    assert "accepted forms" in str(refused.value) or "not supported" in str(refused.value)
+    assert endpoint.query() == {"status": "none"}
+
+
+def test_blocks_refused(nothing_starts: None) -> None:
+    with pytest.raises(ValueError, match="at least one RAM block"):
+        MigrationSource([])
+    a, b = RAMBlock.anonymous("same", 4096), RAMBlock.anonymous("same", 8192)
+    try:
+        for cls in (MigrationSource, MigrationDestination):
+            with pytest.raises(ValueError, match="names must be unique"):
+                cls([a, b])
+    finally:
+        a.close()
+        b.close()
+
+
+def test_settings_refused_while_migrating(migration: Callable[..., Migration]) -> None:
+    """Changing capabilities or parameters, or starting again, during a
+    migration is refused on both ends; the running migration goes on."""
+    m = migration(parameters={"multifd-channels": 2})
+    refused: list[str] = []
+
+    def on_pass(n: int) -> None:
+        if n != 2:
+            return
+        for attempt in (
+            lambda: m.source.set_parameters({"downtime-limit": 100}),
+            lambda: m.source.set_capabilities({"multifd": False}),
+            lambda: m.source.migrate(m.uri),
+            lambda: m.destination.set_parameters({"multifd-channels": 3}),
+            lambda: m.destination.incoming(m.uri),
+        ):
+            with pytest.raises(MigrationConfigError) as exc:
+                attempt()
+            refused.append(str(exc.value))
+
+    m.on_pass = on_pass
+    m.assert_completed()
+    assert refused == ["There's a migration process in progress"] * 5
+    assert m.source.settings.parameter("downtime-limit") == 300
+
+
+def test_mismatched_settings_fail_the_migration(migration: Callable[..., Migration]) -> None:
+    """Settings each end accepts but that disagree (zstd against none) fail the
+    migration with a message naming channel and packet; both ends can then
+    migrate again. Over unix: more than the sockets hold, so the source cannot
+    finish on its own before the destination's failure reaches it."""
+    m = migration(
+        transport="unix",
+        parameters={"multifd-channels": 2, "multifd-compression": "zstd"},
+        dst_parameters={"multifd-compression": "none"},
+    )
+    src, dst = m.run()
+    assert dst["status"] == "failed", dst
+    assert re.match(r"channel [01]: packet \d+: ", dst["error-desc"]), dst["error-desc"]
+    assert "compression" in dst["error-desc"]
+    assert src["status"] == "failed", src
+    m.destination.set_parameters({"multifd-compression": "zstd"})
+    m.assert_completed()
+
+
+def _literal(text: str) -> str:
+    return re.escape(text)

@@ -1,0 +1,157 @@
+"""What the application and a QMP client see: query() shaped like QEMU's
+query-migrate on both ends, events, downtime on both sides, and convergence:
+the hint when rounds stop shrinking, and auto-converge's throttle."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from e2e_support import MiB, Migration, wait_until, write_pages
+
+QEMU_KEYS = {"status", "total-time", "setup-time", "downtime", "ram"}
+RAM_KEYS = {
+    "transferred",
+    "remaining",
+    "total",
+    "duplicate",
+    "normal",
+    "normal-bytes",
+    "dirty-pages-rate",
+    "mbps",
+    "dirty-sync-count",
+    "pages-per-second",
+    "multifd-bytes",
+    "precopy-bytes",
+    "downtime-bytes",
+}
+CHANNEL_KEYS = {"id", "bytes", "packets", "sync-packets", "pages", "busy-ms", "error"}
+ALL_PAGES = range(2048)  # of an 8 MiB block
+
+
+def _check_channels(info: dict[str, Any], channels: int) -> None:
+    assert [c["id"] for c in info["x-multifd-channels"]] == list(range(channels))
+    for channel in info["x-multifd-channels"]:
+        assert set(channel) >= CHANNEL_KEYS, channel
+    assert sum(c["bytes"] for c in info["x-multifd-channels"]) == info["ram"]["multifd-bytes"]
+
+
+def test_query_while_active_and_when_completed(migration: Callable[..., Migration]) -> None:
+    """A bandwidth limit stretches round 1 to about a second: query() shows it
+    under way (remaining falls by 4 MiB steps of the round)."""
+    m = migration(sizes=(16 * MiB,), parameters={"multifd-channels": 3, "max-bandwidth": 16 * MiB})
+    seen: list[dict[str, Any]] = []
+
+    def under_way() -> bool:
+        seen.append(m.source.query())
+        ram = seen[-1].get("ram", {})
+        return seen[-1]["status"] == "active" and 0 < ram["remaining"] < ram["total"]
+
+    m.start()
+    wait_until(under_way, what="round 1 under way")
+    active = seen[-1]
+    src, dst = m.finish()
+
+    assert set(active) >= {"status", "total-time", "setup-time", "expected-downtime", "ram"}
+    assert "downtime" not in active and "error-desc" not in active
+    assert set(active["ram"]) >= RAM_KEYS
+    # Round 1 is under way: what is not yet counted as sent is still remaining.
+    sent = active["ram"]["normal"] + active["ram"]["duplicate"]
+    assert active["ram"]["remaining"] >= active["ram"]["total"] - sent * 4096
+    assert active["x-dirty-tracker"] == {"pc.ram": src["x-dirty-tracker"]["pc.ram"]}
+    _check_channels(active, 3)
+
+    assert src["status"] == dst["status"] == "completed"
+    assert set(src) >= QEMU_KEYS and "error-desc" not in src
+    assert set(src["ram"]) >= RAM_KEYS
+    ram = src["ram"]
+    assert ram["remaining"] == 0
+    assert ram["total"] == 16 * MiB
+    assert ram["normal-bytes"] == ram["normal"] * 4096
+    assert ram["normal"] + ram["duplicate"] >= 4096  # every page at least once
+    assert ram["pages-per-second"] > 0 and ram["mbps"] > 0
+    # Only setup (stream header, block list, one sync) is in neither count.
+    setup_bytes = ram["transferred"] - ram["precopy-bytes"] - ram["downtime-bytes"]
+    assert 0 < setup_bytes < 64 * 1024
+    assert src["setup-time"] <= src["total-time"]
+    _check_channels(src, 3)
+    for channel in src["x-multifd-channels"]:
+        assert channel["packets"] > 0 and channel["error"] is None
+
+    # The destination reports the same transfer, and its own downtime.
+    assert set(dst) >= {"status", "total-time", "downtime", "ram", "socket-address"}
+    assert dst["socket-address"] == m.uri
+    for key in ("transferred", "normal", "duplicate", "multifd-bytes", "total"):
+        assert dst["ram"][key] == ram[key], key
+    _check_channels(dst, 3)
+    assert dst["x-rounds"] == ram["dirty-sync-count"]
+
+
+def test_events_and_downtime(migration: Callable[..., Migration]) -> None:
+    """MIGRATION events in QEMU's order on both ends, MIGRATION_PASS numbered
+    from 1 by dirty-sync-count, and a downtime on both sides."""
+    m = migration(parameters={"multifd-channels": 2}, workload_rate=16 * MiB)
+    src, dst = m.assert_completed()
+    passes = [data["pass"] for name, data in m.source_events if name == "MIGRATION_PASS"]
+    assert passes == list(range(1, src["ram"]["dirty-sync-count"] + 1))
+    assert m.statuses("source") == ["setup", "active", "device", "completed"]
+    assert m.statuses("destination") == ["setup", "active", "completed"]
+    assert src["downtime"] >= 0 and dst["downtime"] >= 0
+    assert "expected-downtime" not in src
+
+
+def test_not_converging_is_reported(migration: Callable[..., Migration]) -> None:
+    """Every page rewritten at every pass and no auto-converge: rounds stop
+    shrinking, query() says so, and the migration goes on until cancelled."""
+    m = migration(parameters={"multifd-channels": 2, "downtime-limit": 0})
+    seen: list[dict[str, Any]] = []
+
+    def on_pass(n: int) -> None:
+        write_pages(m.src_blocks[0], ALL_PAGES)
+        seen.append(m.source.query())
+        if n == 5:
+            m.source.cancel()
+
+    m.on_pass = on_pass
+    m.start()
+    src, _ = m.finish()
+    assert src["status"] == "cancelled"
+    assert m.stops == 0 and m.throttles == []
+    last = seen[-1]
+    assert last["status"] == "active"
+    assert last["x-converging"] is False
+    assert last["expected-downtime"] > 0
+    assert last["ram"]["remaining"] == 8 * MiB
+    assert "cpu-throttle-percentage" not in last
+    m.clear_hooks()
+    m.source.set_parameters({"downtime-limit": 300})
+    m.assert_completed()
+
+
+def test_auto_converge_throttles_until_it_converges(migration: Callable[..., Migration]) -> None:
+    """The same writer, which obeys the throttle (it stops once throttled):
+    auto-converge throttles after two rounds dirtier than the threshold, the
+    migration then converges, and the throttle is lifted at the end."""
+    m = migration(
+        capabilities={"auto-converge": True},
+        parameters={
+            "multifd-channels": 2,
+            "downtime-limit": 0,
+            "cpu-throttle-initial": 30,
+            "cpu-throttle-increment": 15,
+        },
+    )
+    seen: list[dict[str, Any]] = []
+
+    def on_pass(n: int) -> None:
+        seen.append(m.source.query())
+        if not m.throttles and not m.stopped:
+            write_pages(m.src_blocks[0], ALL_PAGES)
+
+    m.on_pass = on_pass
+    src, _ = m.assert_completed()
+    assert m.throttles == [30, 0]
+    assert any(q["x-converging"] is False for q in seen)
+    throttled = [q for q in seen if "cpu-throttle-percentage" in q]
+    assert throttled and all(q["cpu-throttle-percentage"] == 30 for q in throttled)
+    assert src["ram"]["dirty-sync-count"] >= 4
