@@ -231,3 +231,36 @@ def test_source_resume_raising_still_ends_the_migration(
     _check_failed(m, "source", stops=1)
     m.source._on_resume = m._on_source_resume
     _migrate_again(m)
+
+
+@pytest.mark.parametrize("transport", ["tcp", "unix"])
+def test_more_source_channels_than_destination_fails_not_corrupts(
+    transport: str, tmp_path: Path
+) -> None:
+    """The refused channel's pages would be lost: the destination must fail with
+    the refusal's message, never resume with incomplete memory."""
+    source_block = RAMBlock.anonymous("pc.ram", 8 << 20)
+    destination_block = RAMBlock.anonymous("pc.ram", 8 << 20)
+    try:
+        fill(source_block.array)
+        destination = MigrationDestination(
+            [destination_block],
+            capabilities={"multifd": True},
+            parameters={"multifd-channels": 2},
+        )
+        uri = "tcp:127.0.0.1:0" if transport == "tcp" else f"unix:{tmp_path}/m.sock"
+        uri = destination.incoming(uri)
+        source = MigrationSource(
+            [source_block],
+            capabilities={"multifd": True},
+            parameters={"multifd-channels": 3, "max-bandwidth": 0},
+        )
+        source.migrate(uri)
+        source.wait(60)
+        result = destination.wait(60)
+        assert result["status"] == "failed"
+        assert "the source is set up differently" in result["error-desc"]
+        assert "channel id 2, expected below multifd-channels (2)" in result["error-desc"]
+    finally:
+        source_block.close()
+        destination_block.close()

@@ -236,7 +236,13 @@ class MigrationDestination:
         except MigrationAborted:
             pass
         except (ChannelError, WireError, OSError, ValueError) as exc:
-            self._fail(str(exc))
+            # A broken stream is often the consequence of a source set up
+            # differently (it gave up on its refused channel): name the cause.
+            mismatches = listener.mismatches
+            if mismatches and "set up differently" not in str(exc):
+                self._fail(f"the source is set up differently: {mismatches[0]} (then: {exc})")
+            else:
+                self._fail(str(exc))
         except Exception as exc:
             self._fail(f"internal error: {type(exc).__name__}: {exc}")
         finally:
