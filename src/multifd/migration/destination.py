@@ -209,8 +209,10 @@ class MigrationDestination:
         self._repeated = 0
 
     def _status_changed(self, status: MigrationStatus) -> None:
-        if self.on_event is not None and self.settings.capability("events"):
-            self.on_event("MIGRATION", {"status": status.value})
+        # Read once: a QMP server may detach it from another thread.
+        on_event = self.on_event
+        if on_event is not None and self.settings.capability("events"):
+            on_event("MIGRATION", {"status": status.value})
 
     def _fail(self, message: str) -> None:
         # After cancel, broken sockets are its consequence, not an error.

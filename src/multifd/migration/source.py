@@ -224,8 +224,10 @@ class MigrationSource:
         self._main: QEMUFileWriter | None = None
 
     def _status_changed(self, status: MigrationStatus) -> None:
-        if self.on_event is not None and self.settings.capability("events"):
-            self.on_event("MIGRATION", {"status": status.value})
+        # Read once: a QMP server may detach it from another thread.
+        on_event = self.on_event
+        if on_event is not None and self.settings.capability("events"):
+            on_event("MIGRATION", {"status": status.value})
 
     def _fail(self, message: str) -> None:
         # After cancel, broken sockets are its consequence, not an error.
@@ -471,8 +473,10 @@ class MigrationSource:
         self._main.flush()
 
     def _pass_event(self) -> None:
-        if self.on_event is not None and self.settings.capability("events"):
-            self.on_event("MIGRATION_PASS", {"pass": self.ram.dirty_sync_count})
+        # Read once: a QMP server may detach it from another thread.
+        on_event = self.on_event
+        if on_event is not None and self.settings.capability("events"):
+            on_event("MIGRATION_PASS", {"pass": self.ram.dirty_sync_count})
 
     # -- the one way out --------------------------------------------------------
 
