@@ -210,6 +210,7 @@ def _restore(args: argparse.Namespace) -> int:
                 args.dir,
                 args.qmp,
                 channels=args.channels,
+                compression=args.compression,
                 progress=lambda qemu, ours: live.update(qemu_progress_table(qemu, ours)),
             )
     except (SnapshotError, QMPError, ConnectionError, OSError, MigrationConfigError) as exc:
@@ -314,6 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir", type=Path, help="a folder written by multifd save")
     p.add_argument("--qmp", required=True, help="the QEMU's QMP socket (unix:PATH or a path)")
     p.add_argument("--channels", type=int, help="multifd channels (default: as saved)")
+    p.add_argument("--compression", choices=("none", "zlib", "zstd"), default="none")
     p.set_defaults(func=_restore)
     return parser
 

@@ -67,7 +67,8 @@ def test_save_and_restore_a_live_vm(tmp_path: Path, channels: int, compression: 
 
     # Restored, paused (-S): memory exactly the snapshot's; then it runs on.
     with QemuVM(tmp_path, "destination", incoming=True, extra=("-S",)) as vm:
-        result = restore(folder, vm.qmp, channels=channels)
+        # Restored with the same compression: our zlib/zstd streams into QEMU's.
+        result = restore(folder, vm.qmp, channels=channels, compression=compression)
         assert result["query-migrate"]["status"] == "completed"
         restored = _pmem(vm, tmp_path / "restored.bin", MEMORY)
         assert np.array_equal(restored, snapshot_ram)

@@ -209,11 +209,13 @@ def restore(
     qmp: str,
     *,
     channels: int | None = None,
+    compression: str = "none",
     progress: Progress | None = None,
     timeout: float = 600.0,
 ) -> dict[str, Any]:
     """Feed the snapshot in `folder` to the QEMU at `qmp` (started with
-    `-incoming defer`); returns QEMU's final query-migrate and query-status."""
+    `-incoming defer`), over `channels` multifd channels compressed with
+    `compression`; returns QEMU's final query-migrate and query-status."""
     folder = Path(folder)
     manifest = load_manifest(folder)
     channels = channels or manifest["channels"]
@@ -232,7 +234,7 @@ def restore(
                 "start it with -incoming defer"
             )
         _check_destination(qemu, manifest, configuration)
-        _configure(qemu, channels, "none", source=False)
+        _configure(qemu, channels, compression, source=False)
         uri = f"unix:{tmp}/restore.sock"
         qemu.execute("migrate-incoming", {"uri": uri})
         blocks = [
@@ -244,6 +246,7 @@ def restore(
             capabilities={"multifd": True},
             parameters={
                 "multifd-channels": channels,
+                "multifd-compression": compression,
                 "max-bandwidth": 0,
                 "x-dirty-tracker": "explicit",
             },
