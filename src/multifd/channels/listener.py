@@ -148,14 +148,32 @@ class Listener:
         with self._lock:
             return self._complete()
 
-    def wait(self, timeout: float | None = None) -> Connections:
+    def has_any_channel(self) -> bool:
+        """A source has begun: the main channel or a multifd channel is placed."""
+        with self._lock:
+            return self._main is not None or any(c is not None for c in self._multifd)
+
+    def wait(self, timeout: float | None = None, *, until_mismatch: bool = False) -> Connections:
         """Wait for every channel and hand them over: from now on the caller closes
         them. Raises `ChannelTimeoutError` saying what is missing, or `ChannelError`
-        if the listener was closed or failed first."""
+        if the listener was closed or failed first, or (`until_mismatch`) once a
+        channel of a source set up differently was refused: that source gave up."""
         with self._changed:
             self._changed.wait_for(
-                lambda: self._closed or self._failure is not None or self._complete(), timeout
+                lambda: (
+                    self._closed
+                    or self._failure is not None
+                    or self._complete()
+                    or (until_mismatch and bool(self._mismatches))
+                ),
+                timeout,
             )
+            if until_mismatch and self._mismatches and not self._complete():
+                raise ChannelError(
+                    "listener",
+                    f"the source is set up differently: {self._mismatches[0]} ({self._progress()})",
+                    errno=errno.EPROTO,
+                )
             if self._handed_over or (self._complete() and not self._closed):
                 self._handed_over = True
                 assert self._main is not None
@@ -404,6 +422,7 @@ class Listener:
         self._refusals.append(message)
         if mismatch:
             self._mismatches.append(message)
+            self._changed.notify_all()  # wakes a wait(until_mismatch=True)
         log.warning("%s", message)
 
     # ---- state, under the lock ------------------------------------------------

@@ -10,6 +10,7 @@ from typing import Any
 
 from ..memory import RAMBlock
 from ..migration.params import (
+    OWN_CAPABILITIES,
     QEMU_CAPABILITIES,
     MigrationConfigError,
     parse_parameter_text,
@@ -83,8 +84,9 @@ def parse_capability(text: str) -> tuple[str, bool]:
     name, sep, state = text.partition("=")
     if not sep or state.lower() not in _STATES:
         raise OptionError(f"not a capability setting: {text!r} (NAME=on or NAME=off)")
-    if name not in QEMU_CAPABILITIES:
-        raise OptionError(f"unknown capability {name!r} (known: {', '.join(QEMU_CAPABILITIES)})")
+    known = QEMU_CAPABILITIES + OWN_CAPABILITIES
+    if name not in known:
+        raise OptionError(f"unknown capability {name!r} (known: {', '.join(known)})")
     return name, _STATES[state.lower()]
 
 

@@ -13,7 +13,9 @@ from .tracking import (
     TrackerBase,
     TrackerUnavailable,
     choose_tracker,
+    page_hashes,
     share_tracking,
+    verify_keys,
 )
 from .zero import zero_mask
 
@@ -32,8 +34,10 @@ __all__ = [
     "TrackerUnavailable",
     "choose_tracker",
     "coalesce_runs",
+    "page_hashes",
     "runs_to_indices",
     "share_tracking",
     "validate_name",
+    "verify_keys",
     "zero_mask",
 ]

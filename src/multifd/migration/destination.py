@@ -15,8 +15,15 @@ from typing import Any
 
 import numpy as np
 
-from ..channels import ChannelError, Connections, Listener, check_multifd, parse_uri
-from ..memory import RAMBlock
+from ..channels import (
+    ChannelError,
+    ChannelTimeoutError,
+    Connections,
+    Listener,
+    check_multifd,
+    parse_uri,
+)
+from ..memory import RAMBlock, page_hashes, verify_keys
 from ..wire import (
     PROFILES,
     TARGET_PAGE_SIZE,
@@ -42,6 +49,7 @@ from ..wire import (
     ZeroPageRun,
 )
 from ..wire.appstate import APP_STATE_IDSTR, AppState, read_app_state
+from ..wire.verify import VERIFY_IDSTR, VerifySection, read_verify
 from ..wire.xbzrle import apply_xbzrle
 from .multifd_recv import MultifdReceiver
 from .params import MigrationConfigError, MigrationSettings
@@ -189,6 +197,8 @@ class MigrationDestination:
         info["x-multifd-channels"] = [c.to_json() for c in stats]
         if self.machine_type_received is not None:
             info["x-machine-type"] = self.machine_type_received
+        if self._verify_stats is not None:
+            info["x-verify"] = dict(self._verify_stats)
         return info
 
     # -- the migration thread -------------------------------------------------
@@ -207,6 +217,7 @@ class MigrationDestination:
         self.vmdesc: bytes | None = None
         self.ram_section_id: int | None = None
         self._repeated = 0
+        self._verify_stats: dict[str, int] | None = None
 
     def _status_changed(self, status: MigrationStatus) -> None:
         # Read once: a QMP server may detach it from another thread.
@@ -224,7 +235,7 @@ class MigrationDestination:
 
     def _run(self, settings: MigrationSettings, listener: Listener) -> None:
         try:
-            connections = listener.wait()
+            connections = self._wait_for_channels(settings, listener)
             # The listener stays open until the end: a source with more channels
             # than ours may still connect one, and must then fail (see _sync).
             with self._lock:
@@ -250,6 +261,21 @@ class MigrationDestination:
         finally:
             self._cleanup(listener)
 
+    def _wait_for_channels(self, settings: MigrationSettings, listener: Listener) -> Connections:
+        """All channels, however long until a source comes; but once one has
+        begun, a channel it never opens is a stalled peer, bounded by x-io-timeout,
+        and a refused channel of a source set up differently ends the wait at once
+        (that source has given up, as QEMU does on its refused channel)."""
+        io_timeout = settings.parameter("x-io-timeout") or None
+        while True:
+            # Checked before waiting: a source that began gets a whole timeout.
+            begun = listener.has_any_channel()
+            try:
+                return listener.wait(io_timeout, until_mismatch=True)
+            except ChannelTimeoutError:
+                if begun:
+                    raise
+
     def _load(self, settings: MigrationSettings, connections: Connections) -> None:
         profile = PROFILES[settings.parameter("x-stream-profile")]
         io_timeout = settings.parameter("x-io-timeout") or None
@@ -267,10 +293,13 @@ class MigrationDestination:
             receiver.start()
         main = QEMUFileReader(connections.main)
         decoder = MainStreamDecoder(
-            main, profile=profile, known_devices={APP_STATE_IDSTR: read_app_state}
+            main,
+            profile=profile,
+            known_devices={APP_STATE_IDSTR: read_app_state, VERIFY_IDSTR: read_verify},
         )
         arrays = {name: block.array for name, block in self.blocks.items()}
         round_mode: bool | None = None
+        verify: VerifySection | None = None
         for record in decoder:
             if self._cancel.is_set() or self.state.error is not None:
                 raise MigrationAborted
@@ -315,6 +344,8 @@ class MigrationDestination:
             elif isinstance(record, DeviceState):
                 if record.header.idstr == APP_STATE_IDSTR:
                     self.app_state = AppState.from_body(record.data)
+                elif record.header.idstr == VERIFY_IDSTR:
+                    verify = VerifySection.from_body(record.data)
                 else:
                     self.device_state.append(record)
             elif isinstance(record, VMDescription):
@@ -338,11 +369,45 @@ class MigrationDestination:
             self._repeated = receiver.repeated
             receiver.close()
         self.ram.main_bytes = connections.main.bytes_read
+        if verify is not None:
+            self._verify(verify)
+        elif settings.capability("x-verify"):
+            raise WireError(
+                "x-verify is on but the source sent no page hashes (enable x-verify on the source)"
+            )
         resumed_ns = time.time_ns()
         if self._on_resume is not None:
             self._on_resume(self.app_state.data if self.app_state else None)
         if self.app_state is not None and self.app_state.stop_time_ns:
             self._downtime = max(0, resumed_ns - self.app_state.stop_time_ns) / 1e9
+
+    def _verify(self, verify: VerifySection) -> None:
+        """Compare every page with the source's hashes, before resuming: the last
+        EOS synced every channel, so all memory has landed and stays still."""
+        keys = verify_keys(verify.seed)
+        sent = {b.name: b.hashes for b in verify.blocks}
+        missing = sorted(set(self.blocks) - set(sent))
+        if missing:
+            raise WireError(f"x-verify: the source sent no page hashes for block(s) {missing}")
+        self._verify_stats = {"pages": 0, "mismatches": 0}
+        failures = []
+        for name, expected in sent.items():
+            block = self.blocks.get(name)
+            if block is None or block.pages != len(expected):
+                have = "no such block" if block is None else f"{block.pages} pages"
+                raise WireError(
+                    f'x-verify: hashes for block "{name}" cover {len(expected)} pages ({have})'
+                )
+            differ = np.flatnonzero(page_hashes(block, keys) != expected)
+            self._verify_stats["pages"] += len(expected)
+            self._verify_stats["mismatches"] += len(differ)
+            if len(differ):
+                offsets = ", ".join(f"{page * TARGET_PAGE_SIZE:#x}" for page in differ[:8].tolist())
+                failures.append(
+                    f'block "{name}": {len(differ)} page(s) differ, first at offsets {offsets}'
+                )
+        if failures:
+            raise WireError("x-verify: memory differs from the source's: " + "; ".join(failures))
 
     def _zero_run(self, array: np.ndarray, offsets: np.ndarray) -> None:
         """Many zero pages at once; as for one, pages already zero stay untouched."""

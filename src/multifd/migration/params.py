@@ -37,8 +37,13 @@ QEMU_CAPABILITIES = (
     "zero-copy-send",
     "postcopy-preempt",
 )
+# Ours, with QEMU's prefix for experimental names; query-migrate-capabilities
+# lists them after QEMU's.
+OWN_CAPABILITIES = ("x-verify",)
 # The ones this implementation carries out; the rest may only be off.
-SUPPORTED_CAPABILITIES = frozenset({"multifd", "events", "auto-converge", "validate-uuid"})
+SUPPORTED_CAPABILITIES = frozenset(
+    {"multifd", "events", "auto-converge", "validate-uuid", "x-verify"}
+)
 
 MAX_MIGRATE_DOWNTIME_MS = 2_000_000
 SIZE_MAX = 2**64 - 1
@@ -139,7 +144,9 @@ class MigrationSettings:
         capabilities: Mapping[str, bool] | None = None,
         parameters: Mapping[str, Any] | None = None,
     ) -> None:
-        self.capabilities: dict[str, bool] = dict.fromkeys(QEMU_CAPABILITIES, False)
+        self.capabilities: dict[str, bool] = dict.fromkeys(
+            QEMU_CAPABILITIES + OWN_CAPABILITIES, False
+        )
         self.parameters: dict[str, Any] = {n: s.default for n, s in PARAMETERS.items()}
         if capabilities:
             self.set_capabilities(capabilities)

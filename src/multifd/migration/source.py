@@ -8,6 +8,7 @@ application's state, and ends the stream. Channel threads carry the pages.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -16,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from ..channels import ChannelError, ConnectAbort, Connections, connect_channels, parse_uri
-from ..memory import RAMBlock, choose_tracker, zero_mask
+from ..memory import RAMBlock, choose_tracker, page_hashes, verify_keys, zero_mask
 from ..wire import (
     PAGES_PER_PACKET,
     PROFILES,
@@ -37,6 +38,7 @@ from ..wire import (
 from ..wire.appstate import AppState, vmdescription
 from ..wire.ram import RamFlag, encode_zero_pages
 from ..wire.reader import be64, counted_string
+from ..wire.verify import BlockHashes, VerifySection
 from .multifd_send import MultifdSender
 from .params import MigrationConfigError, MigrationSettings
 from .qemufile import QEMUFileWriter
@@ -46,6 +48,7 @@ from .tls_settings import tls_config
 
 RAM_SECTION_ID = 2
 APP_STATE_SECTION_ID = 3
+VERIFY_SECTION_ID = 4
 DEFAULT_MACHINE_TYPE = "multifd-python"
 # Pages looked at per step of a round: 4 MiB, small enough for a smooth rate limit.
 CHUNK_PAGES = 1024
@@ -134,6 +137,12 @@ class MigrationSource:
             self._thread.join()
         target = parse_uri(uri)
         settings = self.settings.copy()
+        if settings.capability("x-verify") and self._device_state is not None:
+            # A real QEMU destination would refuse the unknown verify section.
+            raise MigrationConfigError(
+                "x-verify needs a Python multifd destination: "
+                "it cannot go with a QEMU VM's device state"
+            )
         multifd = settings.capability("multifd")
         if multifd:
             from ..channels import check_multifd
@@ -200,6 +209,10 @@ class MigrationSource:
         info["x-rounds"] = self._round
         info["x-dirty-tracker"] = self._tracker_names
         info["x-multifd-channels"] = [c.to_json() for c in self._channel_stats()]
+        if self._verified_pages is not None:
+            # The comparison happens at the destination (no return path): the
+            # source only knows how many pages it vouched for.
+            info["x-verify"] = {"pages": self._verified_pages}
         return info
 
     def _channel_stats(self) -> list:
@@ -222,6 +235,7 @@ class MigrationSource:
         self._stopped = False
         self._last_block: str | None = None
         self._main: QEMUFileWriter | None = None
+        self._verified_pages: int | None = None
 
     def _status_changed(self, status: MigrationStatus) -> None:
         # Read once: a QMP server may detach it from another thread.
@@ -388,6 +402,16 @@ class MigrationSource:
         self._main.write(SectionPart(self._ram_section_id, end=True).pack())
         self._send_pages(settings, dirty, None)
         self._end_section()
+        vmdesc: list[dict] = []
+        if settings.capability("x-verify"):
+            # The workload is stopped: the blocks are what the destination must hold.
+            verify = self._verify_section()
+            self._main.write(
+                verify.header(VERIFY_SECTION_ID).pack()
+                + verify.body()
+                + SectionFooter(VERIFY_SECTION_ID).pack()
+            )
+            vmdesc.append(verify.vmdesc_entry())
         if self._device_state is not None:
             self._main.write(self._device_state)
         else:
@@ -397,7 +421,7 @@ class MigrationSource:
                 + state.body()
                 + SectionFooter(APP_STATE_SECTION_ID).pack()
                 + EndOfFile().pack()
-                + vmdescription([state.vmdesc_entry()]).pack()
+                + vmdescription([*vmdesc, state.vmdesc_entry()]).pack()
             )
         self._main.flush()
         self.ram.downtime_bytes = self._bytes_sent() - sent_before
@@ -406,6 +430,15 @@ class MigrationSource:
         if self._throttle_percent and self._throttle is not None:
             self._throttle(0)
         self.state.set(MigrationStatus.COMPLETED)
+
+    def _verify_section(self) -> VerifySection:
+        """Hashes of every page, with keys from a fresh seed (a corruption cannot
+        be shaped in advance to collide)."""
+        seed = int.from_bytes(os.urandom(8), "big")
+        keys = verify_keys(seed)
+        blocks = tuple(BlockHashes(b.name, page_hashes(b, keys)) for b in self.blocks)
+        self._verified_pages = sum(len(b.hashes) for b in blocks)
+        return VerifySection(seed, blocks)
 
     # -- sending --------------------------------------------------------------
 

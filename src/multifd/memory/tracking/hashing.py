@@ -35,6 +35,28 @@ def _draw_keys(rng: np.random.Generator) -> npt.NDArray[np.uint64]:
             return keys
 
 
+def verify_keys(seed: int) -> npt.NDArray[np.uint64]:
+    """The page-hash keys both ends of a verified migration draw from one seed."""
+    return _draw_keys(np.random.default_rng(seed))
+
+
+def page_hashes(block: RAMBlock, keys: npt.NDArray[np.uint64]) -> npt.NDArray[np.uint64]:
+    """One 64-bit hash per page of the whole block (the tracker's hash)."""
+    hashes = np.empty(block.pages, dtype=np.uint64)
+    words = block.page_rows(np.uint32)
+    for first in range(0, block.pages, _CHUNK_PAGES):
+        out = hashes[first : first + _CHUNK_PAGES]
+        np.einsum(
+            "ij,j->i",
+            words[first : first + out.size],
+            keys,
+            out=out,
+            dtype=np.uint64,
+            casting="safe",
+        )
+    return hashes
+
+
 class HashTracker(TrackerBase):
     """A page is dirty when its hash differs from the one of the last round.
 
