@@ -16,6 +16,7 @@ from rich.live import Live
 from . import __version__
 from .analyze import analyze, load_recording
 from .analyze.report import render
+from .bench import command as bench_command
 from .channels import ChannelError, URIError
 from .control import (
     BlockSpec,
@@ -317,6 +318,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--channels", type=int, help="multifd channels (default: as saved)")
     p.add_argument("--compression", choices=("none", "zlib", "zstd"), default="none")
     p.set_defaults(func=_restore)
+
+    p = sub.add_parser(
+        "bench",
+        help="measure migration speed against QEMU itself and raw loopback",
+        description="Runs the benchmark scenarios (bulk pairings with QEMU, live, raw "
+        "loopback, dirty-tracker cost); every figure is also a ratio to a baseline "
+        "measured in the same run.",
+    )
+    bench_command.add_arguments(p)
+    p.set_defaults(func=bench_command.run_command)
     return parser
 
 

@@ -1,0 +1,141 @@
+"""The `bench` command's arguments and its run: shared by `multifd bench` and
+benchmarks/run.py, so both accept exactly the same options."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from ..migration.params import MigrationConfigError, parse_parameter_text
+from .options import PAIRINGS, SCENARIOS, TRANSPORTS, BenchOptions
+from .report import markdown, plot, render
+from .run import failures, run_bench
+
+
+def _size(text: str) -> int:
+    try:
+        return parse_parameter_text("max-bandwidth", text)
+    except MigrationConfigError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 1G, 512M)") from None
+
+
+def _list(
+    convert: Callable[[str], Any], known: tuple[str, ...] | None = None
+) -> Callable[[str], tuple[Any, ...]]:
+    """An argparse type for comma-separated lists, checked against `known`."""
+
+    def parse(text: str) -> tuple[Any, ...]:
+        items = tuple(convert(part) for part in text.split(",") if part.strip())
+        unknown = [i for i in items if known is not None and i not in known]
+        if not items or unknown:
+            choices = f" (choose from {','.join(known)})" if known else ""
+            raise argparse.ArgumentTypeError(f"bad list {text!r}{choices}")
+        return items
+
+    return parse
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--size", type=_size, default=4 << 30, help="RAM size (4G)")
+    p.add_argument(
+        "--channels", type=_list(_int), default=(1, 2, 4, 8), help="channel counts (1,2,4,8)"
+    )
+    p.add_argument(
+        "--with-qemu",
+        action="store_true",
+        help="also the bulk pairings with a real qemu-system-x86_64",
+    )
+    p.add_argument(
+        "--no-qemu-prealloc",
+        action="store_true",
+        help="QEMU destinations without prealloc=on (Python destinations still prefault)",
+    )
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument(
+        "--scenarios",
+        type=_list(str, SCENARIOS),
+        default=SCENARIOS,
+        help=f"which to run ({','.join(SCENARIOS)})",
+    )
+    p.add_argument(
+        "--pairings",
+        type=_list(str, PAIRINGS),
+        default=PAIRINGS,
+        help="bulk pairings to run (all four; QEMU ones need --with-qemu)",
+    )
+    p.add_argument("--runs", type=_int, default=3, help="timed runs per figure (3)")
+    p.add_argument("--warmup", type=_int, default=1, help="discarded runs first (1)")
+    p.add_argument("--transport", choices=TRANSPORTS, default="unix")
+    p.add_argument(
+        "--dirty-rates",
+        type=_list(_size),
+        default=(128 << 20, 512 << 20),
+        help="live workload rates in bytes/s (128M,512M)",
+    )
+    p.add_argument("--downtime-limit", type=_int, default=300, help="live, in ms (300)")
+    p.add_argument("--tracker-size", type=_size, help="tracker block (min(size, 1G))")
+    p.add_argument("--workdir", default="/dev/shm", help="where RAM files go, in memory (/dev/shm)")
+    p.add_argument("--plot", type=Path, metavar="FILE", help="write a PNG (needs matplotlib)")
+    p.add_argument(
+        "--markdown", type=Path, metavar="FILE", help="also write the tables as Markdown"
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """Run the benchmark the arguments describe; 0 if every figure was measured."""
+    err = Console(stderr=True)
+    try:
+        options = BenchOptions(
+            size=args.size,
+            channels=args.channels,
+            scenarios=args.scenarios,
+            pairings=args.pairings,
+            runs=args.runs,
+            warmup=args.warmup,
+            with_qemu=args.with_qemu,
+            qemu_prealloc=not args.no_qemu_prealloc,
+            transport=args.transport,
+            dirty_rates=args.dirty_rates,
+            downtime_limit=args.downtime_limit,
+            tracker_size=args.tracker_size,
+            workdir=args.workdir,
+            progress=None if args.quiet else lambda line: err.print(f"[dim]{line}[/]"),
+        )
+        result = run_bench(options)
+    except (ValueError, OSError) as exc:
+        print(f"multifd bench: error: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(result, indent=1))
+    else:
+        render(result, Console())
+    if args.markdown is not None:
+        args.markdown.write_text(markdown(result))
+    if args.plot is not None:
+        err.print(plot(result, args.plot))
+    problems = failures(result)
+    for problem in problems:
+        err.print(f"[red]{problem}[/]")
+    return 1 if problems else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="multifd bench", description="Measure multifd migration (issue 7 scenarios)."
+    )
+    add_arguments(parser)
+    return run_command(parser.parse_args(argv))

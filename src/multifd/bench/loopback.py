@@ -1,0 +1,181 @@
+"""Raw loopback scenario: the ceiling for a Python data path on this machine,
+plain `sendall` of 1 MiB chunks over N connections to another process."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import socket
+import struct
+import threading
+import time
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+from ..memory import RAMBlock
+from .content import Content
+from .options import BenchOptions
+from .system import GB, median
+
+CHUNK = 1 << 20
+_HEADER = struct.Struct("<QQ")  # offset and length of this connection's share
+_ACK = b"k"
+
+
+def _receive_share(sock: socket.socket, buffer: memoryview, errors: list[str]) -> None:
+    try:
+        with sock:
+            header = sock.recv(_HEADER.size, socket.MSG_WAITALL)
+            offset, length = _HEADER.unpack(header)
+            view = buffer[offset : offset + length]
+            got = 0
+            while got < length:
+                n = sock.recv_into(view[got : got + CHUNK])
+                if n == 0:
+                    raise ConnectionError(f"EOF after {got} of {length} bytes")
+                got += n
+            sock.sendall(_ACK)
+    except Exception as exc:
+        errors.append(f"{type(exc).__name__}: {exc}")
+
+
+def _receiver_main(transport: str, path: str, size: int, timeout: float, conn: Connection) -> None:
+    """Accept N connections per request from the parent; one thread each."""
+    with RAMBlock.anonymous("loopback", size) as block:
+        block.prefault()
+        family = socket.AF_UNIX if transport == "unix" else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as listener:
+            listener.bind(path if transport == "unix" else ("127.0.0.1", 0))
+            listener.listen(64)
+            # A benchmark that died between asking and connecting must not leave
+            # this process waiting for connections forever.
+            listener.settimeout(timeout)
+            conn.send(listener.getsockname())
+            while (count := conn.recv()) is not None:
+                errors: list[str] = []
+                threads = []
+                for _ in range(count):
+                    sock, _address = listener.accept()
+                    thread = threading.Thread(
+                        target=_receive_share, args=(sock, block.buffer, errors), daemon=True
+                    )
+                    thread.start()
+                    threads.append(thread)
+                for thread in threads:
+                    thread.join()
+                conn.send(errors)
+    conn.close()
+
+
+def _send_share(
+    sock: socket.socket, data: memoryview, offset: int, length: int, errors: list[str]
+) -> None:
+    try:
+        sock.sendall(_HEADER.pack(offset, length))
+        for first in range(offset, offset + length, CHUNK):
+            sock.sendall(data[first : min(first + CHUNK, offset + length)])
+        if sock.recv(1) != _ACK:
+            raise ConnectionError("no acknowledgement from the receiver")
+    except Exception as exc:
+        errors.append(f"{type(exc).__name__}: {exc}")
+
+
+@dataclass
+class Loopback:
+    """N connections carry the RAM content split N ways, from N sender threads to
+    N receiver threads in another process that `recv_into` a preallocated,
+    faulted-in buffer. Time runs from the first send to the last receiver's
+    acknowledgement."""
+
+    options: BenchOptions
+    content: Content
+    workdir: Path
+
+    def measure(self) -> list[dict[str, Any]]:
+        options = self.options
+        size = self.content.size
+        transport = options.transport
+        path = str(self.workdir / "loopback.sock")
+        ctx = mp.get_context("spawn")
+        parent, child = ctx.Pipe()
+        process = ctx.Process(
+            target=_receiver_main,
+            args=(transport, path, size, options.migration_timeout, child),
+            daemon=True,
+        )
+        process.start()
+        child.close()
+        results: dict[int, list[float | str]] = {}
+        try:
+            if not parent.poll(options.migration_timeout):
+                raise RuntimeError("the loopback receiver did not start")
+            address = parent.recv()
+            family = socket.AF_UNIX if transport == "unix" else socket.AF_INET
+            with self.content.block() as block:
+                data = block.buffer
+
+                def one_run(count: int) -> float | str:
+                    socks = [socket.socket(family, socket.SOCK_STREAM) for _ in range(count)]
+                    parent.send(count)
+                    for sock in socks:
+                        sock.connect(address)
+                    shares = [size // count // 4096 * 4096] * count
+                    shares[-1] = size - sum(shares[:-1])
+                    errors: list[str] = []
+                    threads = [
+                        threading.Thread(
+                            target=_send_share,
+                            args=(sock, data, sum(shares[:i]), shares[i], errors),
+                            daemon=True,
+                        )
+                        for i, sock in enumerate(socks)
+                    ]
+                    started = time.perf_counter()
+                    for thread in threads:
+                        thread.start()
+                    for thread in threads:
+                        thread.join()
+                    elapsed = time.perf_counter() - started
+                    for sock in socks:
+                        sock.close()
+                    errors += parent.recv()
+                    return f"loopback x{count}: {errors[0]}" if errors else elapsed
+
+                # The warm-up also faults the source mapping in, once.
+                for _ in range(max(1, options.warmup)):
+                    one_run(options.channels[0])
+                for count in options.channels:
+                    for index in range(options.runs):
+                        outcome = one_run(count)
+                        results.setdefault(count, []).append(outcome)
+                        shown = (
+                            f"{size / outcome / GB:.2f} GB/s"
+                            if isinstance(outcome, float)
+                            else outcome
+                        )
+                        options.say(f"loopback x{count} run {index + 1}/{options.runs}: {shown}")
+            parent.send(None)
+        finally:
+            process.join(10)
+            if process.is_alive():
+                process.kill()
+                process.join()
+            parent.close()
+        entries = []
+        for count in options.channels:
+            outcomes = results.get(count, [])
+            errors = [o for o in outcomes if isinstance(o, str)]
+            entry: dict[str, Any] = {
+                "channels": count,
+                "transport": transport,
+                "bytes": size,
+                "chunk": CHUNK,
+                "gbps": None,
+                "error": errors[0] if errors else None,
+            }
+            if outcomes and not errors:
+                seconds = median([o for o in outcomes if isinstance(o, float)])
+                entry.update(seconds=seconds, gbps=size / seconds / GB)
+            entries.append(entry)
+        return entries

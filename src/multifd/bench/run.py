@@ -1,0 +1,109 @@
+"""Runs the chosen scenarios in one go and returns one JSON-ready dict, every
+ratio taken against a baseline measured in the same run."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from . import tracker
+from .bulk import TIMING, Bulk
+from .content import make_content
+from .live import Live
+from .loopback import Loopback
+from .options import BenchOptions
+from .system import machine_info
+
+FORMAT = 1
+# Bytes alive at once, in RAM sizes: the content file, the live source's private
+# copy, a destination (QEMU's file or a Python process), and the processes.
+_COPIES_AT_ONCE = 3.2
+
+
+def _check_memory(options: BenchOptions) -> None:
+    available = _mem_available()
+    needed = int(options.size * _COPIES_AT_ONCE)
+    if available and needed > available:
+        raise MemoryError(
+            f"--size {options.size >> 20} MiB needs about {needed >> 20} MiB of free memory "
+            f"(the content, a source and a destination copy); {available >> 20} MiB "
+            "is available"
+        )
+
+
+def _mem_available() -> int:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def run_bench(options: BenchOptions) -> dict[str, Any]:
+    """Measure every scenario in `options.scenarios`; see benchmarks/README.md for
+    the meaning of each figure."""
+    result: dict[str, Any] = {
+        "format": FORMAT,
+        "machine": machine_info(),
+        "options": options.to_json(),
+        "timing": TIMING,
+        "bulk": [],
+        "live": [],
+        "loopback": [],
+        "tracker": [],
+    }
+    scenarios = options.scenarios
+    if "tracker" in scenarios:
+        options.say(f"tracker: {options.tracked_size >> 20} MiB block")
+        result["tracker"] = tracker.measure(options)
+    if {"bulk", "live", "loopback"} & set(scenarios):
+        _check_memory(options)
+        with tempfile.TemporaryDirectory(dir=options.workdir, prefix="multifd-bench-") as tmp:
+            workdir = Path(tmp)
+            options.say(f"filling {options.size >> 20} MiB of RAM content in {workdir}")
+            content = make_content(workdir, options.size)
+            if "loopback" in scenarios:
+                result["loopback"] = Loopback(options, content, workdir).measure()
+            if "bulk" in scenarios:
+                bulk = Bulk(options, content, workdir)
+                try:
+                    result["bulk"] = bulk.measure()
+                finally:
+                    bulk.close()
+            if "live" in scenarios:
+                result["live"] = Live(options, content, workdir).measure()
+    _relate_to_loopback(result)
+    # Other work on a shared host shows here; read the figures with it.
+    result["machine"]["loadavg_end"] = list(os.getloadavg())
+    return result
+
+
+def _relate_to_loopback(result: dict[str, Any]) -> None:
+    """Python→Python bulk as a fraction of raw loopback at the same channel count
+    and transport. Loopback carries the whole RAM, so `fraction` compares RAM
+    moved per second; `wire_fraction` compares bytes on the wire per second."""
+    ceiling = {(e["channels"], e["transport"]): e for e in result["loopback"] if e["gbps"]}
+    for entry in result["bulk"]:
+        loop = ceiling.get((entry["channels"], entry["transport"]))
+        if entry["pairing"] != "python-python" or loop is None or not entry["gbps"]:
+            continue
+        entry["fraction_of_loopback"] = entry["gbps"] / loop["gbps"]
+        entry["wire_fraction_of_loopback"] = entry["wire_gbps"] / loop["gbps"]
+        loop["python_python_gbps"] = entry["gbps"]
+        loop["python_python_fraction"] = entry["fraction_of_loopback"]
+        loop["python_python_wire_fraction"] = entry["wire_fraction_of_loopback"]
+
+
+def failures(result: dict[str, Any]) -> list[str]:
+    """Every figure that could not be measured because a run failed."""
+    found = []
+    for scenario in ("bulk", "live", "loopback"):
+        for entry in result[scenario]:
+            if entry.get("error"):
+                found.append(f"{scenario}: {entry['error']}")
+    for entry in result["tracker"]:
+        if entry.get("exact") is False:
+            found.append(f"tracker {entry['tracker']}: collect missed or invented pages")
+    return found

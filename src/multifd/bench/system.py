@@ -1,0 +1,145 @@
+"""What a benchmark records about where it ran, and how it reads memory figures:
+machine and versions, /proc status fields, a peak sampler, medians."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import statistics
+import subprocess
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .. import __version__
+
+GB = 1e9  # throughput figures are in GB/s of 1e9 bytes, as QEMU's mbps is decimal
+
+
+def median(values: Sequence[float]) -> float:
+    return float(statistics.median(values))
+
+
+def proc_status(pid: int | str = "self") -> dict[str, int]:
+    """The memory fields of /proc/<pid>/status, in bytes (VmRSS, VmHWM, RssAnon...)."""
+    fields: dict[str, int] = {}
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                name, _, value = line.partition(":")
+                parts = value.split()
+                if len(parts) == 2 and parts[1] == "kB":
+                    fields[name] = int(parts[0]) * 1024
+    except OSError:
+        pass
+    return fields
+
+
+class PeakSampler:
+    """Samples one /proc status field of a process from a thread and keeps the
+    peak: the kernel keeps a peak (VmHWM) only for the whole RSS, not per kind."""
+
+    def __init__(self, field: str = "RssAnon", pid: int | str = "self", every: float = 0.02):
+        self._field = field
+        self._pid = pid
+        self._every = every
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.before = proc_status(pid).get(field, 0)
+        self.peak = self.before
+
+    def __enter__(self) -> PeakSampler:
+        self._thread = threading.Thread(target=self._run, name="peak-sampler", daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._every):
+            self.peak = max(self.peak, proc_status(self._pid).get(self._field, 0))
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        self.peak = max(self.peak, proc_status(self._pid).get(self._field, 0))
+
+    @property
+    def growth(self) -> int:
+        return max(0, self.peak - self.before)
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def qemu_version() -> str | None:
+    from ..qemu.launch import qemu_binary
+
+    binary = qemu_binary()
+    if binary is None:
+        return None
+    try:
+        out = subprocess.run(
+            [binary, "--version"], capture_output=True, text=True, timeout=10, check=False
+        ).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.splitlines()[0].strip() if out else None
+
+
+_QUIET: dict[str, Any] = {"capture_output": True, "text": True, "timeout": 10, "check": False}
+
+
+def code_identity() -> dict[str, Any]:
+    """Which engine was measured: a digest of the package's sources, and the git
+    commit (with the files changed since) when they come from a checkout."""
+    package = Path(__file__).resolve().parent.parent
+    digest = hashlib.sha256()
+    for path in sorted(package.rglob("*.py")):
+        digest.update(str(path.relative_to(package)).encode() + b"\0" + path.read_bytes())
+    identity: dict[str, Any] = {"package_sha256": digest.hexdigest()[:16]}
+    try:
+        git = ["git", "-C", str(package)]
+        commit = subprocess.run([*git, "rev-parse", "--short", "HEAD"], **_QUIET)
+        if commit.returncode == 0:
+            changed = subprocess.run([*git, "status", "--porcelain", "--", "."], **_QUIET)
+            identity.update(
+                git_commit=commit.stdout.strip(),
+                git_changed_files=len(changed.stdout.splitlines()),
+            )
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+    return identity
+
+
+def machine_info() -> dict[str, Any]:
+    """The machine, date, load and versions, as RESULTS.md reports them."""
+    import zstandard
+
+    return {
+        "loadavg_start": list(os.getloadavg()),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+        "hostname": platform.node(),
+        "cpu_model": _cpu_model(),
+        "nproc": len(os.sched_getaffinity(0)),
+        "memory_bytes": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "zstandard": zstandard.__version__,
+        "multifd": __version__,
+        "qemu": qemu_version(),
+        "code": code_identity(),
+    }

@@ -1,0 +1,191 @@
+"""The benchmark harness at a small size: the JSON shape, every figure measured
+and positive, ratios taken against the baseline of the same run, and QEMU
+pairings reported as skipped (never invented) when QEMU is not asked for."""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import multiprocessing as mp
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from rich.console import Console
+
+import multifd.bench.bulk
+from multifd.bench import (
+    PAIRINGS,
+    BenchOptions,
+    add_arguments,
+    failures,
+    markdown,
+    plot,
+    render,
+    run_bench,
+)
+from multifd.bench.endpoint import DestinationSpec, _destination_main
+from multifd.qemu.launch import qemu_binary
+
+BULK_KEYS = {"pairing", "channels", "seconds", "gbps", "ratio_to_qemu"}
+LIVE_KEYS = {"dirty_rate", "channels", "seconds", "rounds", "downtime_ms", "downtime_limit_ms"}
+LOOPBACK_KEYS = {"channels", "gbps"}
+
+
+def _positive(entry: dict[str, Any], *keys: str) -> None:
+    for key in keys:
+        assert isinstance(entry[key], int | float) and entry[key] > 0, (key, entry)
+
+
+@pytest.fixture(scope="module")
+def result() -> dict[str, Any]:
+    options = BenchOptions(
+        size=32 << 20,
+        channels=(1, 2),
+        runs=1,
+        warmup=0,
+        dirty_rates=(128 << 20,),
+        with_qemu=False,
+    )
+    return run_bench(options)
+
+
+def test_shape_and_figures(result: dict[str, Any]) -> None:
+    # One JSON object, as --json prints it.
+    assert json.loads(json.dumps(result)) == result
+    assert {"bulk", "live", "loopback", "tracker", "machine", "options"} <= set(result)
+    assert failures(result) == []
+
+    bulk = result["bulk"]
+    assert {(e["pairing"], e["channels"]) for e in bulk} == {
+        (p, c) for p in PAIRINGS for c in (1, 2)
+    }
+    for entry in bulk:
+        assert set(entry) >= BULK_KEYS
+        if entry["pairing"] == "python-python":
+            _positive(entry, "seconds", "gbps", "wire_gbps", "dest_hwm_bytes")
+            assert entry["verified"] is True
+            assert entry["ratio_to_qemu"] is None  # no QEMU→QEMU baseline in this run
+            assert entry["fraction_of_loopback"] > 0
+        else:
+            # Not asked for: reported as skipped, with no figure at all.
+            assert "--with-qemu" in entry["skipped"]
+            assert entry["seconds"] is None and entry["gbps"] is None
+
+    assert {(e["dirty_rate"], e["channels"]) for e in result["live"]} == {
+        (128 << 20, 1),
+        (128 << 20, 2),
+    }
+    for entry in result["live"]:
+        assert set(entry) >= LIVE_KEYS
+        _positive(entry, "seconds", "rounds", "downtime_ms", "downtime_limit_ms")
+
+    assert [e["channels"] for e in result["loopback"]] == [1, 2]
+    for entry in result["loopback"]:
+        assert set(entry) >= LOOPBACK_KEYS
+        _positive(entry, "gbps", "python_python_fraction")
+
+    kinds = {e["tracker"] for e in result["tracker"]}
+    assert kinds == {"kernel", "hash"}
+    for entry in result["tracker"]:
+        if entry["skipped"]:
+            continue
+        assert entry["exact"] is True
+        assert entry["written_percent"] in (1.0, 10.0, 100.0)
+        _positive(entry, "collect_ms", "collect_ms_per_gib", "dirty_pages")
+        if entry["tracker"] == "kernel":
+            _positive(entry, "write_extra_us_per_page")
+
+
+def test_the_fraction_is_against_the_same_runs_loopback(result: dict[str, Any]) -> None:
+    loopback = {e["channels"]: e["gbps"] for e in result["loopback"]}
+    for entry in result["bulk"]:
+        if entry["pairing"] == "python-python":
+            ceiling = loopback[entry["channels"]]
+            assert entry["fraction_of_loopback"] == pytest.approx(entry["gbps"] / ceiling)
+            assert entry["wire_fraction_of_loopback"] == pytest.approx(entry["wire_gbps"] / ceiling)
+
+
+def test_tables_render(result: dict[str, Any]) -> None:
+    out = io.StringIO()
+    render(result, Console(file=out, width=160))
+    text = out.getvalue()
+    assert "Python→Python" in text and "skipped" in text
+    table = markdown(result)
+    assert "| ch | pairing |" in table
+    assert result["machine"]["kernel"] in table
+
+
+def test_plot_only_with_matplotlib(
+    result: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import fails
+    target = tmp_path / "bench.png"
+    assert "matplotlib is not installed" in plot(result, target)
+    assert not target.exists()
+
+
+def test_qemu_pairings_are_skipped_without_qemu(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(multifd.bench.bulk, "qemu_binary", lambda: None)
+    options = BenchOptions(
+        size=8 << 20, channels=(1,), runs=1, warmup=0, scenarios=("bulk",), with_qemu=True
+    )
+    result = run_bench(options)
+    bulk = {e["pairing"]: e for e in result["bulk"]}
+    for pairing in ("qemu-qemu", "qemu-python", "python-qemu"):
+        assert bulk[pairing]["skipped"] == "qemu-system-x86_64 is not installed"
+        assert bulk[pairing]["seconds"] is None and bulk[pairing]["ratio_to_qemu"] is None
+    assert bulk["python-python"]["seconds"] > 0
+    assert bulk["python-python"]["ratio_to_qemu"] is None
+    assert failures(result) == []
+
+
+def test_destination_process_exits_when_the_benchmark_is_gone(tmp_path: Path) -> None:
+    # The benchmark died before reading the hello: the destination must stop
+    # listening and exit, not wait for a migration forever.
+    spec = DestinationSpec(
+        blocks=(("mem", 1 << 20),), uri=f"unix:{tmp_path}/in.sock", channels=1, timeout=300
+    )
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe()
+    process = ctx.Process(target=_destination_main, args=(spec, child))
+    parent.close()
+    process.start()
+    child.close()
+    process.join(30)
+    assert process.exitcode is not None, "the orphaned destination is still running"
+
+
+def test_arguments() -> None:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(
+        ["--size", "4G", "--channels", "1,2,4", "--scenarios", "bulk,live", "--with-qemu"]
+    )
+    assert args.size == 4 << 30 and args.channels == (1, 2, 4)
+    assert args.scenarios == ("bulk", "live") and args.with_qemu and args.runs == 3
+    assert args.dirty_rates == (128 << 20, 512 << 20)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--scenarios", "bulk,nope"])
+
+
+@pytest.mark.skipif(qemu_binary() is None, reason="qemu-system-x86_64 is not installed")
+def test_qemu_pairings_against_the_same_runs_baseline() -> None:
+    options = BenchOptions(
+        size=64 << 20, channels=(2,), runs=1, warmup=0, scenarios=("bulk",), with_qemu=True
+    )
+    result = run_bench(options)
+    assert failures(result) == []
+    bulk = {e["pairing"]: e for e in result["bulk"]}
+    assert set(bulk) == set(PAIRINGS)
+    baseline = bulk["qemu-qemu"]["seconds"]
+    for pairing, entry in bulk.items():
+        _positive(entry, "seconds", "gbps", "wire_gbps", "ratio_to_qemu", "dest_hwm_bytes")
+        assert entry["verified"] is True
+        assert entry["ratio_to_qemu"] == pytest.approx(entry["seconds"] / baseline)
+        assert entry["gbps"] == pytest.approx(options.size / entry["seconds"] / 1e9)
+        if pairing.startswith("qemu"):
+            _positive(entry, "source_total_ms")
+    assert bulk["qemu-qemu"]["ratio_to_qemu"] == pytest.approx(1.0)
