@@ -261,6 +261,12 @@ def _machine_line(result: dict[str, Any]) -> str:
     )
 
 
+def _qemu_mode(o: dict[str, Any]) -> str:
+    if not o["with_qemu"]:
+        return "off"
+    return "on (destinations with prealloc=on)" if o["qemu_prealloc"] else "on (no prealloc)"
+
+
 def _options_line(result: dict[str, Any]) -> str:
     o = result["options"]
     rates = ", ".join(f"{human(r)}/s" for r in o["dirty_rates"])
@@ -268,8 +274,7 @@ def _options_line(result: dict[str, Any]) -> str:
         f"size {human(o['size'])}, channels {','.join(map(str, o['channels']))}, "
         f"{o['runs']} runs + {o['warmup']} warm-up, {o['transport']} sockets, "
         f"scenarios {','.join(o['scenarios'])}, "
-        f"QEMU pairings {'on' if o['with_qemu'] else 'off'}"
-        f"{' (destinations with prealloc=on)' if o['qemu_prealloc'] else ' (no prealloc)'}, "
+        f"QEMU pairings {_qemu_mode(o)}, "
         f"live dirty rates {rates}, downtime-limit {o['downtime_limit_ms']} ms, "
         f"tracker block {human(o['tracker_size'])}"
     )

@@ -26,7 +26,8 @@ def _check_memory(options: BenchOptions) -> None:
     available = _mem_available()
     needed = int(options.size * _COPIES_AT_ONCE)
     if available and needed > available:
-        raise MemoryError(
+        # A size this machine cannot hold is a bad option, not an out-of-memory.
+        raise ValueError(
             f"--size {options.size >> 20} MiB needs about {needed >> 20} MiB of free memory "
             f"(the content, a source and a destination copy); {available >> 20} MiB "
             "is available"
