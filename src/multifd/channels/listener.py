@@ -120,8 +120,10 @@ class Listener:
         # must not block the accept thread, which also watches the wake-up socket.
         self._sock.setblocking(False)
         self._wake_reader, self._wake_writer = socket.socketpair()
+        # Owned and joined by close(); a daemon all the same, so a program that
+        # dies without closing us can still exit, as with every engine thread.
         self._accept_thread = threading.Thread(
-            target=self._accept_loop, name=f"multifd-listener {self.uri}"
+            target=self._accept_loop, name=f"multifd-listener {self.uri}", daemon=True
         )
         self._accept_thread.start()
 
