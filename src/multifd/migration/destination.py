@@ -51,8 +51,9 @@ from ..wire import (
 from ..wire.appstate import APP_STATE_IDSTR, AppState, read_app_state
 from ..wire.verify import VERIFY_IDSTR, VerifySection, read_verify
 from ..wire.xbzrle import apply_xbzrle
+from .endpoint import Endpoint
 from .multifd_recv import MultifdReceiver
-from .params import MigrationConfigError, MigrationSettings
+from .params import MigrationSettings
 from .qemufile import QEMUFileReader
 from .state import MigrationState, MigrationStatus
 from .stats import MigrationAborted, RamStats
@@ -64,7 +65,7 @@ Event = Callable[[str, dict[str, Any]], None]
 BlockProvider = Callable[[Sequence[RamBlockEntry]], Sequence[RAMBlock]]
 
 
-class MigrationDestination:
+class MigrationDestination(Endpoint):
     """Receives a migration into `blocks` (same names and sizes as the source's).
 
     `blocks` may instead be a function that makes them from the source's
@@ -106,20 +107,6 @@ class MigrationDestination:
         self._receiver: MultifdReceiver | None = None
         self.uri: str | None = None
         self._reset()
-
-    # -- settings -------------------------------------------------------------
-
-    def set_capabilities(self, states: Mapping[str, bool] | Sequence[Mapping[str, Any]]) -> None:
-        self._refuse_while_running()
-        self.settings.set_capabilities(states)
-
-    def set_parameters(self, values: Mapping[str, Any]) -> None:
-        self._refuse_while_running()
-        self.settings.set_parameters(values)
-
-    def _refuse_while_running(self) -> None:
-        if self.state.status.live:
-            raise MigrationConfigError("There's a migration process in progress")
 
     # -- control --------------------------------------------------------------
 

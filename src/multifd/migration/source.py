@@ -39,6 +39,7 @@ from ..wire.appstate import AppState, vmdescription
 from ..wire.ram import RamFlag, encode_zero_pages
 from ..wire.reader import be64, counted_string
 from ..wire.verify import BlockHashes, VerifySection
+from .endpoint import Endpoint
 from .multifd_send import MultifdSender
 from .params import MigrationConfigError, MigrationSettings
 from .qemufile import QEMUFileWriter
@@ -56,7 +57,7 @@ CHUNK_PAGES = 1024
 Event = Callable[[str, dict[str, Any]], None]
 
 
-class MigrationSource:
+class MigrationSource(Endpoint):
     """Live-migrates `blocks` to a destination URI.
 
     `on_stop` pauses the workload at switchover and `on_resume` restarts it if
@@ -111,20 +112,6 @@ class MigrationSource:
         self._connecting = ConnectAbort()
         self._sender: MultifdSender | None = None
         self._reset_counters()
-
-    # -- settings -------------------------------------------------------------
-
-    def set_capabilities(self, states: Mapping[str, bool] | Sequence[Mapping[str, Any]]) -> None:
-        self._refuse_while_running()
-        self.settings.set_capabilities(states)
-
-    def set_parameters(self, values: Mapping[str, Any]) -> None:
-        self._refuse_while_running()
-        self.settings.set_parameters(values)
-
-    def _refuse_while_running(self) -> None:
-        if self.state.status.live:
-            raise MigrationConfigError("There's a migration process in progress")
 
     # -- control --------------------------------------------------------------
 
