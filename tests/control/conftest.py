@@ -3,12 +3,8 @@ paths, endpoints served over QMP in this process, and daemons run as subprocesse
 
 from __future__ import annotations
 
-import contextlib
-import os
 import shutil
 import tempfile
-import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -16,38 +12,18 @@ from typing import Any
 import pytest
 from control_support import BLOCK_SIZE, DaemonProcess, Served, random_fill
 
+import leakcheck
 from multifd.control import MigrationCommands, QMPServer
 from multifd.memory import RAMBlock
 from multifd.migration.destination import MigrationDestination
 from multifd.migration.source import MigrationSource
 
-LEAK_GRACE = 1.0  # seconds a finished owner may take to let its threads go
-
-
-def _open_fds() -> dict[int, str]:
-    fds = {}
-    for name in os.listdir("/proc/self/fd"):
-        # The directory listing's own descriptor is gone by the time it is read.
-        with contextlib.suppress(OSError):
-            fds[int(name)] = os.readlink(f"/proc/self/fd/{name}")
-    return fds
-
 
 @pytest.fixture(autouse=True)
 def no_leaks() -> Iterator[None]:
     """After every test: no thread and no file descriptor it started is left."""
-    threads_before = set(threading.enumerate())
-    fds_before = _open_fds()
-    yield
-    deadline = time.monotonic() + LEAK_GRACE
-    while True:
-        threads = [t for t in threading.enumerate() if t not in threads_before]
-        fds = {fd: target for fd, target in _open_fds().items() if fds_before.get(fd) != target}
-        if (not threads and not fds) or time.monotonic() > deadline:
-            break
-        time.sleep(0.01)
-    assert not threads, f"threads left running: {[t.name for t in threads]}"
-    assert not fds, f"file descriptors left open: {fds}"
+    with leakcheck.no_leaks():
+        yield
 
 
 @pytest.fixture

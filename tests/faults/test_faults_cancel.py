@@ -8,8 +8,9 @@ import threading
 import time
 from collections.abc import Callable
 
-from conftest import leaks, open_fds
 from e2e_support import FINISH_TIMEOUT, Migration
+
+from leakcheck import leaks, open_fds
 
 MiB = 1 << 20
 CYCLES = 100

@@ -1,0 +1,1 @@
+"""Shared by every test folder: makes tests/ importable (leakcheck.py)."""
