@@ -38,6 +38,16 @@ _READ_CHUNK = 64 * 1024
 _LINGER_RESET = struct.pack("ii", 1, 0)
 
 
+def _timeval(seconds: float | None) -> bytes:
+    """struct timeval for SO_RCVTIMEO/SO_SNDTIMEO; zero means wait forever."""
+    if not seconds:
+        return struct.pack("ll", 0, 0)
+    whole = int(seconds)
+    # A positive timeout must not round down to 0 (forever).
+    micros = max(int((seconds - whole) * 1e6), 0 if whole else 1)
+    return struct.pack("ll", whole, micros)
+
+
 class Channel:
     """One migration stream: a socket (TCP, UNIX, TLS) or a file descriptor (pipe, file).
 
@@ -100,8 +110,18 @@ class Channel:
     @timeout.setter
     def timeout(self, value: float | None) -> None:
         self._timeout = value
-        if self._sock is not None:
+        if self._tls:
+            assert self._sock is not None
             self._sock.settimeout(value)
+        elif self._sock is not None:
+            # A blocking socket whose kernel timeouts bound each call: one
+            # sendmsg or MSG_WAITALL recvmsg moves a whole packet, where Python's
+            # own timeout (a non-blocking socket plus poll) returns at every
+            # socket-buffer's worth and costs a poll and a GIL round trip each.
+            self._sock.settimeout(None)
+            timeval = _timeval(value)
+            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
+            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
         else:
             # With a timeout a pipe must not block: a blocking pipe write waits until
             # every byte is in, however long that takes. Without one, blocking I/O
@@ -156,7 +176,7 @@ class Channel:
                 n = self._fd_io(os.readv, [view], select.POLLIN)
             else:
                 n = self._sock.recv_into(view, len(view))
-        except TimeoutError:
+        except (TimeoutError, BlockingIOError):
             raise ChannelTimeoutError(
                 self.name,
                 f"no data for {self._timeout:g} s at stream offset {start:#x}",
@@ -225,7 +245,7 @@ class Channel:
                 return self._sock.recv_into(views[0], len(views[0]), flags)
             # MSG_WAITALL: one system call fills the whole list when data is flowing.
             return self._sock.recvmsg_into(views[:IOV_MAX], 0, socket.MSG_WAITALL)[0]
-        except TimeoutError:
+        except (TimeoutError, BlockingIOError):
             raise ChannelTimeoutError(
                 self.name,
                 f"no data for {self._timeout:g} s while reading {total} bytes at stream "
@@ -260,7 +280,7 @@ class Channel:
                 # SSLSocket has no sendmsg; each buffer becomes TLS records of its own.
                 return self._sock.send(views[0])
             return self._sock.sendmsg(views[:IOV_MAX])
-        except TimeoutError:
+        except (TimeoutError, BlockingIOError):
             raise ChannelTimeoutError(
                 self.name,
                 f"could not write for {self._timeout:g} s at stream offset {self.bytes_written:#x}",

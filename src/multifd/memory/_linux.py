@@ -15,6 +15,7 @@ import platform
 PAGE_SIZE = 4096
 
 # madvise(2)
+MADV_POPULATE_READ = 22
 MADV_POPULATE_WRITE = 23
 
 # userfaultfd(2) flags

@@ -280,20 +280,34 @@ class RAMBlock:
         Uses MADV_POPULATE_WRITE (Linux 5.14+), which leaves the contents alone;
         otherwise adds 0 to one byte per page, which must not race other writers.
         """
-        start = self._address & ~(PAGE_SIZE - 1)
-        end = -(-(self._address + self.used_length) // PAGE_SIZE) * PAGE_SIZE
-        try:
-            _linux.madvise(start, end - start, _linux.MADV_POPULATE_WRITE)
+        if self._populate(_linux.MADV_POPULATE_WRITE, "MADV_POPULATE_WRITE"):
             return
-        except OSError as exc:
-            if exc.errno not in (errno.EINVAL, errno.ENOSYS):
-                raise OSError(
-                    exc.errno,
-                    f"RAMBlock {self._name!r}: madvise(MADV_POPULATE_WRITE): {exc.strerror}",
-                ) from None
         array = self.array
         array[::PAGE_SIZE] += 0
         array[-1:] += 0  # an unaligned buffer's last byte may sit in one more page
+
+    def populate(self) -> None:
+        """Map every page in for reading, contents untouched, safe while the
+        workload writes: one madvise(MADV_POPULATE_READ) instead of a fault per
+        page (or per 16 pages) when a round first reads the block."""
+        if self._populate(_linux.MADV_POPULATE_READ, "MADV_POPULATE_READ"):
+            return
+        array = self.array
+        int(array[::PAGE_SIZE].sum()) + int(array[-1])
+
+    def _populate(self, advice: int, label: str) -> bool:
+        """madvise(advice) over the block; False where the kernel lacks it."""
+        start = self._address & ~(PAGE_SIZE - 1)
+        end = -(-(self._address + self.used_length) // PAGE_SIZE) * PAGE_SIZE
+        try:
+            _linux.madvise(start, end - start, advice)
+        except OSError as exc:
+            if exc.errno not in (errno.EINVAL, errno.ENOSYS):
+                raise OSError(
+                    exc.errno, f"RAMBlock {self._name!r}: madvise({label}): {exc.strerror}"
+                ) from None
+            return False
+        return True
 
     def mark_dirty(self, offset: int, length: int) -> None:
         """Tell the trackers that bytes [offset, offset+length) were written.

@@ -1,13 +1,22 @@
-"""The source's multifd channels: one thread each, fed batches of pages.
+"""The source's multifd channels: one thread each, fed batches of packets.
 
-The migration thread hands a batch (≤128 pages of one block) to the next idle
-channel, as QEMU's multifd_send_pages does; at the end of every round it syncs:
-each channel writes one SYNC packet after its last batch, and the migration
-thread waits until all of them have (QEMU's multifd_send_sync_main).
+The migration thread splits a run of pages into packets (≤128 pages of one
+block, as QEMU's multifd_send_pages) and queues them on the channel with the
+least queued work, several packets at a time: a channel thread then writes a
+whole batch with one sendmsg, and goes on to the next batch without waiting for
+the migration thread. Handing over one packet at a time, as QEMU does between C
+threads, costs a GIL round trip per packet in Python and kept every thread
+waiting on the others.
+
+At the end of every round the migration thread syncs: each channel writes one
+SYNC packet after its queued batches, and the migration thread waits until all
+of them have (QEMU's multifd_send_sync_main).
 """
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import threading
 import time
 from collections import deque
@@ -17,27 +26,53 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..channels import Channel, ChannelError
-from ..wire import TARGET_PAGE_SIZE, Compression, MultiFDPacket, PacketLayout
-from .compression import make_compressor
+from ..wire import (
+    PACKET_HEADER_SIZE,
+    PAGES_PER_PACKET,
+    TARGET_PAGE_SIZE,
+    Compression,
+    MultiFDPacket,
+    PacketLayout,
+)
+from .compression import Compressor, make_compressor
 from .stats import ChannelStats, MigrationAborted
+
+# Pages handed to a channel at once (one batch, one sendmsg when uncompressed).
+BATCH_PAGES = 8 * PAGES_PER_PACKET
+# Pages queued on one channel before the migration thread waits: the batch being
+# written and the next one, so that a channel never waits for the migration
+# thread, and a cancel or a dead peer is noticed within a batch or two.
+QUEUE_PAGES = 2 * BATCH_PAGES
 
 
 @dataclass
-class _Job:
+class _Packet:
+    packet_num: int
+    pages: np.ndarray  # page indices inside the block, ≤128
+
+
+@dataclass
+class _Batch:
     block_name: str = ""
     buffer: memoryview | None = None
-    pages: np.ndarray | None = None  # page indices inside the block
-    sync: bool = False
-    packet_num: int = 0
+    packets: list[_Packet] = field(default_factory=list)
+    sync_num: int | None = None  # a SYNC packet instead of pages
+
+    @property
+    def page_count(self) -> int:
+        return sum(len(p.pages) for p in self.packets)
 
 
 @dataclass
 class _SendChannel:
     channel: Channel
     stats: ChannelStats
-    job: _Job | None = None
+    compressor: Compressor | None
+    wakeup: threading.Condition
+    queue: deque[_Batch] = field(default_factory=deque)
+    queued_pages: int = 0
+    syncs_written: int = 0
     thread: threading.Thread | None = None
-    compressor: object | None = field(default=None)
 
 
 def page_runs(pages: np.ndarray) -> list[tuple[int, int]]:
@@ -48,7 +83,7 @@ def page_runs(pages: np.ndarray) -> list[tuple[int, int]]:
     breaks = np.flatnonzero(np.diff(pages) != 1) + 1
     starts = np.concatenate(([0], breaks))
     ends = np.concatenate((breaks, [len(pages)]))
-    return [(int(pages[s]), int(e - s)) for s, e in zip(starts, ends, strict=True)]
+    return list(zip(pages[starts].tolist(), (ends - starts).tolist(), strict=True))
 
 
 class MultifdSender:
@@ -64,16 +99,24 @@ class MultifdSender:
         on_error: Callable[[str], None],
     ) -> None:
         self._lock = threading.Lock()
-        self._cond = threading.Condition(self._lock)
-        self._idle: deque[int] = deque()
+        # The migration thread waits on this one for queue space and syncs; each
+        # channel thread on its own, so a batch wakes only its channel.
+        self._space = threading.Condition(self._lock)
         self._aborted = False
         self._compression = compression
         self._layout = layout
         self._on_error = on_error
-        self._packet_num = 0
-        self._next = 0
+        self._packet_nums = itertools.count()
+        # Bytes handed to the channels, header included (uncompressed size):
+        # what the bandwidth limit counts, as QEMU counts a packet when queued.
+        self.queued_bytes = 0
         self.channels = [
-            _SendChannel(ch, ChannelStats(i), compressor=make_compressor(compression, level))
+            _SendChannel(
+                ch,
+                ChannelStats(i),
+                make_compressor(compression, level),
+                threading.Condition(self._lock),
+            )
             for i, ch in enumerate(channels)
         ]
 
@@ -84,36 +127,51 @@ class MultifdSender:
             sc.thread = threading.Thread(
                 target=self._run, args=(sc,), name=f"multifdsend_{sc.stats.id}", daemon=True
             )
-            self._idle.append(sc.stats.id)
             sc.thread.start()
 
     def send(self, block_name: str, buffer: memoryview, pages: np.ndarray) -> int:
-        """Queue ≤128 pages of one block on the next idle channel; returns the
-        bytes it will put on the wire (header + raw pages)."""
-        with self._cond:
-            sc = self._take_idle()
-            sc.job = _Job(block_name, buffer, pages, packet_num=self._packet_num)
-            self._packet_num += 1
-            self._cond.notify_all()
+        """Queue pages of one block (any number, in packets of ≤128) on the
+        channels; returns the bytes of page data they will put on the wire."""
+        for first in range(0, len(pages), BATCH_PAGES):
+            chunk = pages[first : first + BATCH_PAGES]
+            with self._lock:
+                sc = self._least_loaded()
+                self._wait(lambda sc=sc: sc.queued_pages < QUEUE_PAGES)
+                # Numbered when queued, as QEMU numbers a packet when a channel takes it.
+                packets = [
+                    _Packet(next(self._packet_nums), chunk[i : i + PAGES_PER_PACKET])
+                    for i in range(0, len(chunk), PAGES_PER_PACKET)
+                ]
+                sc.queue.append(_Batch(block_name, buffer, packets))
+                sc.queued_pages += len(chunk)
+                sc.wakeup.notify()
+            self.queued_bytes += len(packets) * PACKET_HEADER_SIZE + len(chunk) * TARGET_PAGE_SIZE
         return len(pages) * TARGET_PAGE_SIZE
 
     def sync(self) -> None:
         """Every channel writes one SYNC packet after its queued pages; returns
         once all have been written (not acknowledged)."""
-        with self._cond:
-            self._wait(lambda: len(self._idle) == len(self.channels))
-            self._idle.clear()
+        with self._lock:
+            targets = []
             for sc in self.channels:
-                sc.job = _Job(sync=True, packet_num=self._packet_num)
-                self._packet_num += 1
-            self._cond.notify_all()
-            self._wait(lambda: len(self._idle) == len(self.channels))
+                self.queued_bytes += PACKET_HEADER_SIZE
+                sc.queue.append(_Batch(sync_num=next(self._packet_nums)))
+                targets.append(sc.syncs_written + 1)
+                sc.wakeup.notify()
+            self._wait(
+                lambda: all(
+                    sc.syncs_written >= target
+                    for sc, target in zip(self.channels, targets, strict=True)
+                )
+            )
 
     def abort(self) -> None:
         """Wake every waiter and make every blocked socket call return."""
-        with self._cond:
+        with self._lock:
             self._aborted = True
-            self._cond.notify_all()
+            self._space.notify_all()
+            for sc in self.channels:
+                sc.wakeup.notify_all()
         for sc in self.channels:
             sc.channel.shutdown()
 
@@ -130,23 +188,16 @@ class MultifdSender:
     def stats(self) -> list[ChannelStats]:
         return [sc.stats for sc in self.channels]
 
-    def _take_idle(self) -> _SendChannel:
-        # Round-robin from the channel after the last one used, like QEMU.
-        self._wait(lambda: bool(self._idle))
-        n = len(self.channels)
-        for step in range(n):
-            candidate = (self._next + step) % n
-            if candidate in self._idle:
-                self._idle.remove(candidate)
-                self._next = (candidate + 1) % n
-                return self.channels[candidate]
-        raise AssertionError("an idle channel was announced but none is idle")
+    def _least_loaded(self) -> _SendChannel:
+        # Ties go to the lowest id; with equal channels this is round-robin.
+        return min(self.channels, key=lambda sc: sc.queued_pages)
 
     def _wait(self, ready: Callable[[], bool]) -> None:
+        """Wait on `_space` (lock held) until `ready`, or raise once aborted."""
         while not ready():
             if self._aborted:
                 raise MigrationAborted
-            self._cond.wait()
+            self._space.wait()
         if self._aborted:
             raise MigrationAborted
 
@@ -154,18 +205,18 @@ class MultifdSender:
 
     def _run(self, sc: _SendChannel) -> None:
         while True:
-            with self._cond:
-                while sc.job is None and not self._aborted:
-                    self._cond.wait()
+            with self._lock:
+                while not sc.queue and not self._aborted:
+                    sc.wakeup.wait()
                 if self._aborted:
                     return
-                job = sc.job
+                batch = sc.queue[0]
             try:
                 started = time.perf_counter_ns()
-                self._write(sc, job)
+                self._write(sc, batch)
                 sc.stats.busy_ns += time.perf_counter_ns() - started
             except Exception as exc:
-                with self._cond:
+                with self._lock:
                     # After abort() shut this channel down, its error is a
                     # consequence: the channel's figures must not blame it.
                     quiet = self._aborted
@@ -173,47 +224,69 @@ class MultifdSender:
                     detail = exc.message if isinstance(exc, ChannelError) else str(exc)
                     sc.stats.error = f"channel {sc.stats.id}: packet {sc.stats.packets}: {detail}"
                     self._on_error(sc.stats.error)
-                with self._cond:
-                    sc.job = None
+                with self._lock:
                     self._aborted = True
-                    self._cond.notify_all()
+                    self._space.notify_all()
                 return
-            with self._cond:
-                sc.job = None
-                self._idle.append(sc.stats.id)
-                self._cond.notify_all()
+            with self._lock:
+                sc.queue.popleft()
+                sc.queued_pages -= batch.page_count
+                if batch.sync_num is not None:
+                    sc.syncs_written += 1
+                self._space.notify()
 
-    def _write(self, sc: _SendChannel, job: _Job) -> None:
+    def _write(self, sc: _SendChannel, batch: _Batch) -> None:
         stats = sc.stats
-        if job.sync:
-            header = MultiFDPacket.sync(job.packet_num, layout=self._layout).pack()
+        if batch.sync_num is not None:
+            header = MultiFDPacket.sync(batch.sync_num, layout=self._layout).pack()
             sc.channel.write_all(header)
             stats.bytes += len(header)
             stats.packets += 1
             stats.sync_packets += 1
             return
-        assert job.pages is not None and job.buffer is not None
+        assert batch.buffer is not None
+        parts: list = []
+        ends: list[int] = []  # the stream offset at which each packet ends
+        offset = sc.channel.bytes_written
+        for packet in batch.packets:
+            header, payload, size = self._encode(sc.compressor, batch, packet)
+            parts.append(header)
+            parts.extend(payload)
+            offset += len(header) + size
+            ends.append(offset)
+        start = sc.channel.bytes_written
+        try:
+            sc.channel.writev_all(parts)
+        finally:
+            # Count what went out, so an error names the packet it broke in.
+            done = bisect.bisect_right(ends, sc.channel.bytes_written)
+            stats.bytes += sc.channel.bytes_written - start
+            stats.packets += done
+            stats.pages += sum(len(p.pages) for p in batch.packets[:done])
+
+    def _encode(
+        self, compressor: Compressor | None, batch: _Batch, packet: _Packet
+    ) -> tuple[bytes, list, int]:
+        """A packet's header and payload buffers, and the payload's size."""
+        assert batch.buffer is not None
+        buffer = batch.buffer
         views = [
-            job.buffer[first * TARGET_PAGE_SIZE : (first + count) * TARGET_PAGE_SIZE]
-            for first, count in page_runs(job.pages)
+            buffer[first * TARGET_PAGE_SIZE : (first + count) * TARGET_PAGE_SIZE]
+            for first, count in page_runs(packet.pages)
         ]
-        offsets = job.pages.astype(np.uint64) * np.uint64(TARGET_PAGE_SIZE)
-        if sc.compressor is None:
+        if compressor is None:
             payload: list = views
-            size = len(job.pages) * TARGET_PAGE_SIZE
+            size = len(packet.pages) * TARGET_PAGE_SIZE
         else:
-            compressed = sc.compressor.compress(views)
+            compressed = compressor.compress(views)
             payload = [compressed]
             size = len(compressed)
         header = MultiFDPacket.for_pages(
-            job.block_name,
-            offsets,
+            batch.block_name,
+            packet.pages.astype(np.uint64) * np.uint64(TARGET_PAGE_SIZE),
             flags=self._compression.flag,
-            packet_num=job.packet_num,
+            packet_num=packet.packet_num,
             payload_size=size,
             layout=self._layout,
         ).pack()
-        sc.channel.writev_all([header, *payload])
-        stats.bytes += len(header) + size
-        stats.packets += 1
-        stats.pages += len(job.pages)
+        return header, payload, size

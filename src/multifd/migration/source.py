@@ -19,7 +19,6 @@ import numpy as np
 from ..channels import ChannelError, ConnectAbort, Connections, connect_channels, parse_uri
 from ..memory import RAMBlock, choose_tracker, page_hashes, verify_keys, zero_mask
 from ..wire import (
-    PAGES_PER_PACKET,
     PROFILES,
     TARGET_PAGE_SIZE,
     Compression,
@@ -437,7 +436,7 @@ class MigrationSource(Endpoint):
         """One round: zero pages as ZERO records on main, the others in packets
         (or PAGE records on main without multifd)."""
         max_bandwidth = settings.parameter("max-bandwidth") if started is not None else 0
-        sent_before = self._bytes_sent()
+        sent_before = self._bytes_queued()
         for block, pages in zip(self.blocks, dirty, strict=True):
             buffer = block.buffer
             for first in range(0, len(pages), CHUNK_PAGES):
@@ -457,8 +456,7 @@ class MigrationSource(Endpoint):
                     self.ram.duplicate += len(zeros)
                 if len(normal):
                     if self._sender is not None:
-                        for i in range(0, len(normal), PAGES_PER_PACKET):
-                            self._sender.send(block.name, buffer, normal[i : i + PAGES_PER_PACKET])
+                        self._sender.send(block.name, buffer, normal)
                     else:
                         self._send_on_main(block.name, buffer, normal)
                     self.ram.normal += len(normal)
@@ -480,8 +478,14 @@ class MigrationSource(Endpoint):
             parts.append(buffer[offset : offset + TARGET_PAGE_SIZE])
         self._main.writev(parts)
 
+    def _bytes_queued(self) -> int:
+        """What the bandwidth limit counts: bytes written on main and handed to
+        the channels (which write them a batch or two later)."""
+        multifd = self._sender.queued_bytes if self._sender else 0
+        return self._main.bytes_written + multifd
+
     def _rate_limit(self, max_bandwidth: int, started: float, sent_before: int) -> None:
-        ahead = (self._bytes_sent() - sent_before) / max_bandwidth - (time.monotonic() - started)
+        ahead = (self._bytes_queued() - sent_before) / max_bandwidth - (time.monotonic() - started)
         if ahead > 0 and self._cancel.wait(ahead):
             raise MigrationAborted
 
