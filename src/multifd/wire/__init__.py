@@ -42,6 +42,14 @@ from .ram import (
     ZeroPageRun,
 )
 from .reader import Reader
+from .return_path import (
+    MessageType,
+    Pong,
+    ReturnPathDecoder,
+    ReturnPathMessage,
+    Shut,
+    ShutReason,
+)
 from .source import BufferSource, ByteSource
 from .stream import (
     QEMU_VM_FILE_MAGIC,
@@ -84,12 +92,14 @@ __all__ = [
     "MainRecord",
     "MainStreamDecoder",
     "MemSize",
+    "MessageType",
     "MultiFDInit",
     "MultiFDPacket",
     "MultifdFlush",
     "PacketFlag",
     "PacketLayout",
     "Page",
+    "Pong",
     "RamBlockEntry",
     "RamFlag",
     "RamRecord",
@@ -97,9 +107,13 @@ __all__ = [
     "RamStreamState",
     "Reader",
     "RecordType",
+    "ReturnPathDecoder",
+    "ReturnPathMessage",
     "SectionFooter",
     "SectionPart",
     "SectionStart",
+    "Shut",
+    "ShutReason",
     "State",
     "Subsection",
     "VMCommand",

@@ -310,6 +310,21 @@ class VMCommand:
             + self.package
         )
 
+    @classmethod
+    def open_return_path(cls) -> VMCommand:
+        """Asks the destination to answer on the main channel's reverse direction."""
+        return cls(Command.OPEN_RETURN_PATH)
+
+    @classmethod
+    def ping(cls, value: int) -> VMCommand:
+        """Asks for a PONG carrying `value` on the return path."""
+        return cls(Command.PING, be32(value))
+
+    @property
+    def ping_value(self) -> int:
+        """The be32 value of a PING."""
+        return int.from_bytes(self.data, "big")
+
 
 def read_command(reader: Reader) -> VMCommand:
     at = reader.where
