@@ -129,6 +129,12 @@ class Channel:
             os.set_blocking(self._fd, value is None)
 
     @property
+    def duplex(self) -> bool:
+        """Whether the peer can answer on this channel: a socket carries a reverse
+        direction (QEMU's return path); a pipe or a file does not."""
+        return self._sock is not None
+
+    @property
     def is_tls(self) -> bool:
         return self._tls
 

@@ -27,6 +27,7 @@ from ..memory import RAMBlock, page_hashes, verify_keys
 from ..wire import (
     PROFILES,
     TARGET_PAGE_SIZE,
+    Command,
     CompressedPage,
     Compression,
     Configuration,
@@ -55,6 +56,7 @@ from .endpoint import Endpoint
 from .multifd_recv import MultifdReceiver
 from .params import MigrationSettings
 from .qemufile import QEMUFileReader
+from .return_path import SHUT_FAILED, SHUT_OK, ReturnPathWriter
 from .state import MigrationState, MigrationStatus
 from .stats import MigrationAborted, RamStats
 from .tls_settings import tls_config
@@ -105,6 +107,7 @@ class MigrationDestination(Endpoint):
         self._listener: Listener | None = None
         self._connections: Connections | None = None
         self._receiver: MultifdReceiver | None = None
+        self._return_path: ReturnPathWriter | None = None
         self.uri: str | None = None
         self._reset()
 
@@ -147,6 +150,8 @@ class MigrationDestination(Endpoint):
                 return
             self._cancel.set()
             self.state.set(MigrationStatus.CANCELLING)
+            if self._return_path is not None:
+                self._return_path.shut(SHUT_FAILED, "cancelled at the destination")
             self._wake()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join()
@@ -218,6 +223,9 @@ class MigrationDestination(Endpoint):
             return
         if self.state.fail(message):
             with self._lock:
+                # Before waking: the sockets cannot carry the SHUT once shut down.
+                if self._return_path is not None:
+                    self._return_path.shut(SHUT_FAILED, message)
                 self._wake()
 
     def _run(self, settings: MigrationSettings, listener: Listener) -> None:
@@ -233,6 +241,9 @@ class MigrationDestination(Endpoint):
             self._load(settings, connections)
             self._end_time = time.monotonic()
             self.state.set(MigrationStatus.COMPLETED)
+            # As QEMU: the source hears of success once the workload runs here.
+            if self._return_path is not None:
+                self._return_path.shut(SHUT_OK)
         except MigrationAborted:
             pass
         except (ChannelError, WireError, OSError, ValueError) as exc:
@@ -338,11 +349,7 @@ class MigrationDestination(Endpoint):
             elif isinstance(record, VMDescription):
                 self.vmdesc = record.json
             elif isinstance(record, VMCommand):
-                raise WireError(
-                    f"command {record.command.name} is not supported (postcopy, COLO and the "
-                    "return path are not implemented)",
-                    where=decoder.reader.where,
-                )
+                self._command(record, connections, decoder.reader.where)
             elif isinstance(record, EndOfFile):
                 pass
         if decoder.state.name != "DONE":
@@ -367,6 +374,34 @@ class MigrationDestination(Endpoint):
             self._on_resume(self.app_state.data if self.app_state else None)
         if self.app_state is not None and self.app_state.stop_time_ns:
             self._downtime = max(0, resumed_ns - self.app_state.stop_time_ns) / 1e9
+
+    def _command(self, record: VMCommand, connections: Connections, where: Where) -> None:
+        """The commands of a precopy with `return-path`: open it, answer PINGs.
+        Like QEMU, the destination follows the source's lead whatever its own
+        capabilities say."""
+        if record.command is Command.OPEN_RETURN_PATH:
+            if self._return_path is not None:
+                return  # QEMU reports it and carries on: nothing is lost.
+            if not connections.main.duplex:
+                raise WireError(
+                    "OPEN_RETURN_PATH failed: the main channel is a pipe or a file, "
+                    "it cannot carry answers to the source",
+                    where=where,
+                )
+            with self._lock:
+                self._return_path = ReturnPathWriter(connections.main)
+        elif record.command is Command.PING:
+            if self._return_path is None:
+                raise WireError(
+                    f"PING ({record.ping_value:#x}) received with no return path", where=where
+                )
+            self._return_path.pong(record.ping_value)
+        else:
+            raise WireError(
+                f"command {record.command.name} is not supported (postcopy and COLO "
+                "are not implemented)",
+                where=where,
+            )
 
     def _verify(self, verify: VerifySection) -> None:
         """Compare every page with the source's hashes, before resuming: the last
@@ -463,6 +498,7 @@ class MigrationDestination(Endpoint):
             self._receiver = None
             self._connections = None
             self._listener = None
+            self._return_path = None
         # Failed or cancelled: reset the connections, so that a source blocked
         # writing into a full window fails at once rather than at its timeout.
         reset = self.state.status is not MigrationStatus.COMPLETED

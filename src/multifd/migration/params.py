@@ -42,7 +42,7 @@ QEMU_CAPABILITIES = (
 OWN_CAPABILITIES = ("x-verify",)
 # The ones this implementation carries out; the rest may only be off.
 SUPPORTED_CAPABILITIES = frozenset(
-    {"multifd", "events", "auto-converge", "validate-uuid", "x-verify"}
+    {"multifd", "events", "auto-converge", "validate-uuid", "x-verify", "return-path"}
 )
 
 MAX_MIGRATE_DOWNTIME_MS = 2_000_000

@@ -16,7 +16,15 @@ from typing import Any
 
 import numpy as np
 
-from ..channels import ChannelError, ConnectAbort, Connections, connect_channels, parse_uri
+from ..channels import (
+    ChannelError,
+    ConnectAbort,
+    Connections,
+    ExecURI,
+    FileURI,
+    connect_channels,
+    parse_uri,
+)
 from ..memory import RAMBlock, choose_tracker, page_hashes, verify_keys, zero_mask
 from ..wire import (
     PROFILES,
@@ -32,6 +40,7 @@ from ..wire import (
     SectionFooter,
     SectionPart,
     SectionStart,
+    VMCommand,
     WireError,
 )
 from ..wire.appstate import AppState, vmdescription
@@ -42,6 +51,7 @@ from .endpoint import Endpoint
 from .multifd_send import MultifdSender
 from .params import MigrationConfigError, MigrationSettings
 from .qemufile import QEMUFileWriter
+from .return_path import ReturnPathReader
 from .state import MigrationState, MigrationStatus
 from .stats import MigrationAborted, RamStats
 from .tls_settings import tls_config
@@ -52,6 +62,11 @@ VERIFY_SECTION_ID = 4
 DEFAULT_MACHINE_TYPE = "multifd-python"
 # Pages looked at per step of a round: 4 MiB, small enough for a smooth rate limit.
 CHUNK_PAGES = 1024
+# QEMU's source pings once after opening the return path, with this value.
+FIRST_PING = 1
+# A destination that fails sends SHUT before its sockets break; when a write
+# breaks first, this long is given to the return path to tell why.
+VERDICT_GRACE = 1.0
 
 Event = Callable[[str, dict[str, Any]], None]
 
@@ -110,6 +125,7 @@ class MigrationSource(Endpoint):
         # Lets cancel() end a connect or TLS handshake that waits on the peer.
         self._connecting = ConnectAbort()
         self._sender: MultifdSender | None = None
+        self._return_path: ReturnPathReader | None = None
         self._reset_counters()
 
     # -- control --------------------------------------------------------------
@@ -128,6 +144,11 @@ class MigrationSource(Endpoint):
             raise MigrationConfigError(
                 "x-verify needs a Python multifd destination: "
                 "it cannot go with a QEMU VM's device state"
+            )
+        if settings.capability("return-path") and isinstance(target, FileURI | ExecURI):
+            raise MigrationConfigError(
+                f"return-path needs a socket (tcp:, unix: or an fd: socket): {target} "
+                "cannot carry the destination's answers"
             )
         multifd = settings.capability("multifd")
         if multifd:
@@ -195,9 +216,11 @@ class MigrationSource(Endpoint):
         info["x-rounds"] = self._round
         info["x-dirty-tracker"] = self._tracker_names
         info["x-multifd-channels"] = [c.to_json() for c in self._channel_stats()]
+        if self._return_path_info is not None:
+            info["x-return-path"] = dict(self._return_path_info)
         if self._verified_pages is not None:
-            # The comparison happens at the destination (no return path): the
-            # source only knows how many pages it vouched for.
+            # The comparison happens at the destination: the source only knows
+            # how many pages it vouched for (and, with return-path, the verdict).
             info["x-verify"] = {"pages": self._verified_pages}
         return info
 
@@ -222,6 +245,7 @@ class MigrationSource(Endpoint):
         self._last_block: str | None = None
         self._main: QEMUFileWriter | None = None
         self._verified_pages: int | None = None
+        self._return_path_info: dict[str, Any] | None = None
 
     def _status_changed(self, status: MigrationStatus) -> None:
         # Read once: a QMP server may detach it from another thread.
@@ -255,11 +279,21 @@ class MigrationSource(Endpoint):
         except MigrationAborted:
             pass
         except (ChannelError, WireError, OSError, ValueError) as exc:
-            self._fail(str(exc))
+            self._fail(self._destination_verdict(exc))
         except Exception as exc:
             self._fail(f"internal error: {type(exc).__name__}: {exc}")
         finally:
             self._cleanup(trackers)
+
+    def _destination_verdict(self, exc: Exception) -> str:
+        """A stream that breaks is most often a destination that failed: when it
+        said so on the return path, its reason is the error, not the broken pipe."""
+        return_path = self._return_path
+        if return_path is not None and isinstance(exc, ChannelError):
+            return_path.wait(VERDICT_GRACE)
+            if return_path.shut is not None:
+                return return_path.verdict() or str(exc)
+        return str(exc)
 
     def _setup(self, target, settings: MigrationSettings, tls, trackers: list) -> None:
         multifd = settings.capability("multifd")
@@ -287,6 +321,8 @@ class MigrationSource(Endpoint):
             channel.timeout = io_timeout
         self._main = QEMUFileWriter(connections.main)
         self._main_header_bytes = len(header)
+        if settings.capability("return-path"):
+            self._open_return_path(connections)
         if multifd:
             sender = MultifdSender(
                 connections.multifd,
@@ -317,6 +353,20 @@ class MigrationSource(Endpoint):
         self._main.write(SectionStart(self._ram_section_id, "ram", 0, 4).pack() + mem_size.pack())
         self._end_section()
         self._setup_time = time.monotonic() - self._start_time
+
+    def _open_return_path(self, connections: Connections) -> None:
+        """Listen for the destination's answers, then ask it to open its end and
+        ping it, right after the configuration (QEMU's migration_thread)."""
+        if not connections.main.duplex:
+            raise ChannelError(
+                connections.main.name,
+                "return-path needs a socket: this fd: is a pipe or a file",
+            )
+        return_path = ReturnPathReader(connections.main, self._fail)
+        with self._lock:
+            self._return_path = return_path
+        return_path.start()
+        self._main.write(VMCommand.open_return_path().pack() + VMCommand.ping(FIRST_PING).pack())
 
     def _iterate(self, settings: MigrationSettings, trackers: list, dirty: list) -> list:
         limit_s = settings.parameter("downtime-limit") / 1000
@@ -413,9 +463,28 @@ class MigrationSource(Endpoint):
         self.ram.downtime_bytes = self._bytes_sent() - sent_before
         self.ram.remaining = 0
         self._downtime = time.monotonic() - stopped_at
+        if self._return_path is not None:
+            self._await_verdict(settings)
         if self._throttle_percent and self._throttle is not None:
             self._throttle(0)
         self.state.set(MigrationStatus.COMPLETED)
+
+    def _await_verdict(self, settings: MigrationSettings) -> None:
+        """Completed only once the destination says it loaded everything (SHUT 0),
+        as QEMU's source waits for its return path thread before completing."""
+        assert self._return_path is not None
+        timeout = settings.parameter("x-io-timeout") or None
+        if not self._return_path.wait(timeout):
+            self._fail(
+                f"the destination did not report its result (no SHUT on the return path) "
+                f"within {timeout:g} s"
+            )
+            raise MigrationAborted
+        verdict = self._return_path.verdict()
+        if verdict is not None:
+            self._fail(verdict)
+        if self._cancel.is_set() or self.state.error is not None:
+            raise MigrationAborted
 
     def _verify_section(self) -> VerifySection:
         """Hashes of every page, with keys from a fresh seed (a corruption cannot
@@ -507,17 +576,23 @@ class MigrationSource(Endpoint):
     def _cleanup(self, trackers: list) -> None:
         with self._lock:
             sender, connections = self._sender, self._connections
+            return_path = self._return_path
         if sender is not None:
             self._last_channel_stats = sender.stats
             sender.close()
         if connections is not None:
             connections.shutdown()
+        if return_path is not None:
+            return_path.close()
+            self._return_path_info = {"pongs": list(return_path.pongs), "shut": return_path.shut}
+        if connections is not None:
             connections.close()
         for tracker in trackers:
             tracker.close()
         with self._lock:
             self._sender = None
             self._connections = None
+            self._return_path = None
         self._end_time = time.monotonic()
         if self.state.status is MigrationStatus.COMPLETED:
             return
