@@ -193,13 +193,18 @@ class Channel:
         self.bytes_read += n
         return n
 
-    def read_to_eof(self, limit: int) -> bytes:
-        """Everything up to the end of the stream; `ValueError` past `limit` bytes."""
+    def read_to_eof(self, limit: int, complete: Callable[[bytes], bool] | None = None) -> bytes:
+        """Everything up to the end of the stream; `ValueError` past `limit` bytes.
+
+        `complete(data)`, when given, may end the read earlier: a peer that waits
+        for an answer (the return path) does not close its end after the last byte."""
         start = self.bytes_read
         data = bytearray(self._prefix)
         self._prefix.clear()
         view = memoryview(bytearray(_READ_CHUNK))
         while len(data) <= limit:
+            if complete is not None and data and complete(bytes(data)):
+                break
             n = self._recv_some([view], start, limit + 1, len(data))
             if n == 0:
                 break

@@ -7,7 +7,7 @@ at the points the protocol needs (end of section, end of stream).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from ..channels import Channel
 
@@ -85,8 +85,11 @@ class QEMUFileReader:
         """What is already read ahead, without waiting (see `ByteSource`)."""
         return memoryview(self._buffer)[self._pos :]
 
-    def read_to_eof(self, limit: int) -> bytes:
+    def read_to_eof(self, limit: int, complete: Callable[[bytes], bool] | None = None) -> bytes:
         rest = bytes(self._buffer[self._pos :])
         self._buffer.clear()
         self._pos = 0
-        return rest + self.channel.read_to_eof(limit - len(rest))
+        if complete is not None and rest and complete(rest):
+            return rest
+        whole = None if complete is None else lambda more: complete(rest + more)
+        return rest + self.channel.read_to_eof(limit - len(rest), whole)

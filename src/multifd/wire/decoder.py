@@ -10,7 +10,7 @@ from collections import deque
 from collections.abc import Callable, Iterator, Mapping
 from enum import Enum, auto
 
-from .devices import split_device_state
+from .devices import ends_with_vmdesc, split_device_state
 from .errors import Where, WireError
 from .profile import WireProfile
 from .ram import RAM_SECTION_IDSTR, RAM_SECTION_VERSION, EndOfSection, RamRecord, RamStreamState
@@ -205,7 +205,9 @@ class MainStreamDecoder:
             return DeviceState(header, data)
         # Opaque device state: take the rest of the stream and split it.
         try:
-            rest = self.reader.source.read_to_eof(self._max_device_state)
+            # With a return path the source keeps its end open until we answer:
+            # the stream's end is its vmdesc, not the connection's close.
+            rest = self.reader.source.read_to_eof(self._max_device_state, ends_with_vmdesc)
         except ValueError as exc:
             raise WireError(f"device state too large: {exc}", where=at) from None
         self.reader.offset += len(rest)

@@ -41,6 +41,21 @@ def find_vmdesc_tail(blob: bytes) -> int | None:
     return None
 
 
+def ends_with_vmdesc(blob: bytes) -> bool:
+    """Whether `blob` ends with EOF, VMDESCRIPTION and a whole JSON document: the
+    end of a main stream, even while its sender keeps the connection open."""
+    if not blob.endswith(b"}"):
+        return False
+    eof_at = find_vmdesc_tail(blob)
+    if eof_at is None:
+        return False
+    try:
+        json.loads(blob[eof_at + 6 :])
+    except ValueError:
+        return False
+    return True
+
+
 def expected_devices(vmdesc: VMDescription | None) -> list[tuple[str, int]] | None:
     """(name, instance_id) of every device in the vmdesc, in stream order."""
     if vmdesc is None:

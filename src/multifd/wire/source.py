@@ -6,6 +6,7 @@ provides it over bytes already in memory, for tests and recordings.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol, runtime_checkable
 
 
@@ -23,7 +24,9 @@ class ByteSource(Protocol):
 
     def read_exact(self, n: int) -> bytes: ...
 
-    def read_to_eof(self, limit: int) -> bytes: ...
+    def read_to_eof(self, limit: int, complete: Callable[[bytes], bool] | None = None) -> bytes:
+        """`complete(data)` may end the read before the stream does."""
+        ...
 
 
 class BufferSource:
@@ -50,7 +53,8 @@ class BufferSource:
         self._pos += n
         return chunk
 
-    def read_to_eof(self, limit: int) -> bytes:
+    def read_to_eof(self, limit: int, complete: Callable[[bytes], bool] | None = None) -> bytes:
+        # All of it is here already: a whole stream ends where the data does.
         if self.remaining > limit:
             raise ValueError(f"{self.remaining} bytes remain, more than the limit of {limit}")
         chunk = bytes(self._data[self._pos :])
