@@ -112,8 +112,9 @@ class ReturnPathReader:
                     self.pongs.append(message.value)
                 elif isinstance(message, Shut):
                     self.shut = message.status
-                    if message.status == SHUT_OK:
-                        # As QEMU's source: SHUT ends the return path.
+                    # As QEMU's source: SHUT ends the return path. Our destination
+                    # writes a failure's reason with its SHUT: read it if it came.
+                    if message.status == SHUT_OK or not self._decoder.pending:
                         return
                 elif isinstance(message, ShutReason):
                     if self.shut is None:

@@ -278,22 +278,25 @@ class MigrationSource(Endpoint):
             self._complete(settings, trackers, dirty)
         except MigrationAborted:
             pass
-        except (ChannelError, WireError, OSError, ValueError) as exc:
-            self._fail(self._destination_verdict(exc))
+        except ChannelError as exc:
+            self._channel_failed(str(exc))
+        except (WireError, OSError, ValueError) as exc:
+            self._fail(str(exc))
         except Exception as exc:
             self._fail(f"internal error: {type(exc).__name__}: {exc}")
         finally:
             self._cleanup(trackers)
 
-    def _destination_verdict(self, exc: Exception) -> str:
-        """A stream that breaks is most often a destination that failed: when it
-        said so on the return path, its reason is the error, not the broken pipe."""
+    def _channel_failed(self, message: str) -> None:
+        """A channel that breaks is most often a destination that failed: when it
+        said so on the return path (it does before closing), its reason is the
+        error, not the broken pipe."""
         return_path = self._return_path
-        if return_path is not None and isinstance(exc, ChannelError):
+        if return_path is not None and not self._cancel.is_set():
             return_path.wait(VERDICT_GRACE)
             if return_path.shut is not None:
-                return return_path.verdict() or str(exc)
-        return str(exc)
+                message = return_path.verdict() or message
+        self._fail(message)
 
     def _setup(self, target, settings: MigrationSettings, tls, trackers: list) -> None:
         multifd = settings.capability("multifd")
@@ -333,7 +336,7 @@ class MigrationSource(Endpoint):
                     else "multifd-zstd-level"
                 ),
                 layout=self._layout,
-                on_error=self._fail,
+                on_error=self._channel_failed,
             )
             with self._lock:
                 self._sender = sender

@@ -56,11 +56,13 @@ def _base_memory(qemu: QMPConnection) -> int:
     return int(qemu.execute("query-memory-size-summary")["base-memory"])
 
 
-def _configure(qemu: QMPConnection, channels: int, compression: str, source: bool) -> None:
-    qemu.execute(
-        "migrate-set-capabilities",
-        {"capabilities": [{"capability": "multifd", "state": True}]},
-    )
+def _configure(
+    qemu: QMPConnection, channels: int, compression: str, source: bool, return_path: bool
+) -> None:
+    capabilities = [{"capability": "multifd", "state": True}]
+    if return_path:
+        capabilities.append({"capability": "return-path", "state": True})
+    qemu.execute("migrate-set-capabilities", {"capabilities": capabilities})
     parameters: dict[str, Any] = {
         "multifd-channels": channels,
         "multifd-compression": compression,
@@ -84,10 +86,12 @@ def save(
     *,
     channels: int = 2,
     compression: str = "none",
+    return_path: bool = False,
     progress: Progress | None = None,
     timeout: float = 600.0,
 ) -> dict[str, Any]:
-    """Migrate the QEMU at `qmp` into `folder`; returns the manifest written there."""
+    """Migrate the QEMU at `qmp` into `folder`; returns the manifest written there.
+    With `return_path`, QEMU completes only once we said we loaded everything."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     if (folder / MANIFEST).exists():
@@ -113,7 +117,7 @@ def save(
             uuid=_uuid(qemu),
         )
         try:
-            _configure(qemu, channels, compression, source=True)
+            _configure(qemu, channels, compression, source=True, return_path=return_path)
             uri = destination.incoming(f"unix:{tmp}/save.sock")
             qemu.execute("migrate", {"uri": uri})
             qemu_info = _wait_both(qemu, destination, progress, timeout)
@@ -210,12 +214,14 @@ def restore(
     *,
     channels: int | None = None,
     compression: str = "none",
+    return_path: bool = False,
     progress: Progress | None = None,
     timeout: float = 600.0,
 ) -> dict[str, Any]:
     """Feed the snapshot in `folder` to the QEMU at `qmp` (started with
     `-incoming defer`), over `channels` multifd channels compressed with
-    `compression`; returns QEMU's final query-migrate and query-status."""
+    `compression`; returns QEMU's final query-migrate and query-status. With
+    `return_path`, our source completes only once QEMU said it loaded everything."""
     folder = Path(folder)
     manifest = load_manifest(folder)
     channels = channels or manifest["channels"]
@@ -234,7 +240,7 @@ def restore(
                 "start it with -incoming defer"
             )
         _check_destination(qemu, manifest, configuration)
-        _configure(qemu, channels, compression, source=False)
+        _configure(qemu, channels, compression, source=False, return_path=return_path)
         uri = f"unix:{tmp}/restore.sock"
         qemu.execute("migrate-incoming", {"uri": uri})
         blocks = [
@@ -243,7 +249,7 @@ def restore(
         ]
         source = MigrationSource(
             blocks,
-            capabilities={"multifd": True},
+            capabilities={"multifd": True, "return-path": return_path},
             parameters={
                 "multifd-channels": channels,
                 "multifd-compression": compression,
@@ -297,7 +303,13 @@ def _wait_source(
 ) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     while not source.state.wait_finished(POLL):
-        info = qemu.execute("query-migrate")
+        try:
+            info = qemu.execute("query-migrate")
+        except (ConnectionError, OSError):
+            # QEMU exited (7.2 does when loading fails): the source finds out itself.
+            if not source.state.wait_finished(max(0.0, deadline - time.monotonic())):
+                source.cancel()
+            break
         if progress is not None:
             progress(info, source.query())
         if info.get("status") == "failed":
@@ -311,7 +323,11 @@ def _wait_source(
 def _wait_qemu(qemu: QMPConnection, timeout: float) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     while True:
-        info = qemu.execute("query-migrate")
+        try:
+            info = qemu.execute("query-migrate")
+        except (ConnectionError, OSError):
+            # QEMU 7.2 exits when an incoming migration fails.
+            return {"status": "failed", "error-desc": "QEMU exited (its incoming migration failed)"}
         if info.get("status") in ("completed", "failed", "cancelled"):
             return info
         if time.monotonic() > deadline:

@@ -1,0 +1,149 @@
+"""With return-path, a destination that refuses or dies is the source's failure
+too: never `completed` for memory the destination does not hold."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+
+import numpy as np
+import pytest
+from e2e_support import FINISH_TIMEOUT, MiB, Migration, source_threads, wait_until
+from relay import Relay, block_name
+
+SIZE = 8 * MiB
+
+
+def corrupt_a_block1_page(header: bytearray, payload: bytes) -> bytes | None:
+    """One flipped byte in a page of "block1", a block the workload leaves alone
+    (a page it rewrote would be sent again, right, and hide the corruption)."""
+    if block_name(header) != "block1":
+        return None
+    return bytes([payload[0] ^ 0xFF]) + payload[1:]
+
+
+def test_corrupted_page_fails_the_source_too(migration: Callable[..., Migration]) -> None:
+    m = migration(
+        sizes=(SIZE, 1 * MiB),
+        workload_rate=5_000,
+        capabilities={"x-verify": True, "return-path": True},
+        # One channel: the relay corrupts the packets of channel 0.
+        parameters={"multifd-channels": 1, "x-io-timeout": 5},
+    )
+    untouched = m.src_blocks[1].sha256()
+    m.uri = m.destination.incoming(m.listen_uri)
+    relay = Relay(m.uri, corrupt_a_block1_page)
+    try:
+        m.workload.start()
+        m.source.migrate(relay.uri)
+        src, dst = m.finish()
+    finally:
+        relay.close()
+    assert relay.mutated.is_set()
+    # The destination refused to resume ...
+    assert dst["status"] == "failed", dst
+    assert m.resumed == []
+    assert dst["x-verify"]["mismatches"] == 1
+    # ... and the source knows it, in the destination's words.
+    assert src["status"] == "failed", src
+    error = src["error-desc"]
+    assert error.startswith("the destination reported failure (SHUT 1): "), error
+    assert 'x-verify: memory differs from the source\'s: block "block1": 1 page(s) differ' in error
+    assert m.source.query()["status"] == "failed"
+    assert src["x-return-path"] == {"pongs": [1], "shut": 1}
+    # The workload runs on, its memory untouched by the migration.
+    assert m.stops == m.source_resumes == 1
+    assert not m.workload.paused
+    written = m.workload.pages_written
+    wait_until(lambda: m.workload.pages_written > written, what="the workload to write again")
+    assert m.src_blocks[1].sha256() == untouched
+    assert source_threads() == []
+    m.assert_completed()
+
+
+DESTINATION = """
+import sys, time
+from multifd.memory import RAMBlock
+from multifd.migration.destination import MigrationDestination
+
+def resume(state):
+    # Everything landed: killed now, it never sends SHUT.
+    print("resumed", flush=True)
+    time.sleep(60)
+
+blocks = [RAMBlock.anonymous("pc.ram", int(sys.argv[1]))]
+destination = MigrationDestination(blocks, capabilities={"multifd": True}, on_resume=resume)
+print(destination.incoming("tcp:127.0.0.1:0"), flush=True)
+destination.wait()
+"""
+
+
+@pytest.fixture
+def destination_process() -> Iterator[subprocess.Popen]:
+    child = subprocess.Popen(
+        [sys.executable, "-c", DESTINATION, str(SIZE)], stdout=subprocess.PIPE, text=True
+    )
+    yield child
+    if child.poll() is None:
+        child.kill()
+    child.wait(FINISH_TIMEOUT)
+    assert child.stdout is not None
+    child.stdout.close()
+
+
+def test_destination_killed_before_shut(
+    migration: Callable[..., Migration], destination_process: subprocess.Popen
+) -> None:
+    m = migration(
+        sizes=(SIZE,),
+        workload_rate=2_000,
+        capabilities={"return-path": True},
+        parameters={"x-io-timeout": 30},
+    )
+    assert destination_process.stdout is not None
+    uri = destination_process.stdout.readline().strip()
+    m.workload.start()
+    m.source.migrate(uri)
+    assert destination_process.stdout.readline().strip() == "resumed"
+    # The source has sent everything and waits for the verdict.
+    assert m.source.query()["status"] == "device"
+    destination_process.kill()
+    src = m.source.wait(FINISH_TIMEOUT)
+    assert src["status"] == "failed", src
+    assert src["error-desc"] in (
+        "the destination closed the return path without reporting its result (no SHUT)",
+        "the return path from the destination broke: main channel: read failed at stream "
+        "offset 0x8: [Errno 104] Connection reset by peer",
+    ), src
+    assert src["total-time"] < 10_000  # not the I/O timeout: the close is news at once
+    assert m.stops == m.source_resumes == 1
+    assert not m.workload.paused
+    m.assert_completed()
+
+
+def test_destination_silent_after_loading_is_bounded(migration: Callable[..., Migration]) -> None:
+    """A destination that never answers: the source waits x-io-timeout, then fails."""
+    m = migration(capabilities={"return-path": True}, parameters={"x-io-timeout": 1})
+    m.destination._on_resume = lambda state: wait_until(
+        lambda: m.source.query()["status"] == "failed", what="the source to give up"
+    )
+    src, dst = m.run()
+    assert src["error-desc"] == (
+        "the destination did not report its result (no SHUT on the return path) within 1 s"
+    )
+    # The destination did load everything: only the source could not know it.
+    assert dst["status"] == "completed"
+    assert m.stops == m.source_resumes == 1
+    m.destination._on_resume = m._on_dst_resume
+    m.assert_completed()
+
+
+def test_memory_is_equal_after_a_verified_return_path_migration(
+    migration: Callable[..., Migration],
+) -> None:
+    m = migration(sizes=(SIZE, MiB), capabilities={"x-verify": True, "return-path": True})
+    src, _ = m.assert_completed()
+    assert src["x-return-path"]["shut"] == 0
+    for a, b in zip(m.src_blocks, m.dst_blocks, strict=True):
+        assert np.array_equal(a.array, b.array)
