@@ -185,3 +185,32 @@ def test_a_waiting_destination_can_be_cancelled(
             await dst.disconnect()
 
     run(scenario())
+
+
+def test_return_path_over_qmp(serve: Callable[..., Served]) -> None:
+    """return-path set with migrate-set-capabilities: listed, and the source's
+    query-migrate shows the destination's answers."""
+    source, destination = serve("source", seed=5), serve("destination")
+
+    async def scenario() -> None:
+        src = await connect(source.path, name="src")
+        dst = await connect(destination.path, name="dst")
+        try:
+            for qmp in (src, dst):
+                await configure(qmp)
+            on = [{"capability": "return-path", "state": True}]
+            assert await src.execute("migrate-set-capabilities", {"capabilities": on}) == {}
+            listed = await ask(src, "query-migrate-capabilities")
+            assert {"capability": "return-path", "state": True} in listed
+            await dst.execute("migrate-incoming", {"uri": "tcp:127.0.0.1:0"})
+            address = (await ask(dst, "query-migrate"))["socket-address"]
+            await src.execute("migrate", {"uri": address})
+            assert (await statuses_until(src, ("completed", "failed")))[-1] == "completed"
+            info = await ask(src, "query-migrate")
+            assert info["x-return-path"] == {"pongs": [1], "shut": 0}
+        finally:
+            await src.disconnect()
+            await dst.disconnect()
+
+    run(scenario())
+    assert destination.block.sha256() == source.block.sha256()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from typing import Any
 
 from ..channels import Channel, ChannelError, ChannelTimeoutError
 from ..wire import Pong, ReturnPathDecoder, Shut, ShutReason, Where, WireError
@@ -56,6 +57,10 @@ class ReturnPathReader:
             because = f": {self.reason}" if self.reason else ""
             return f"the destination reported failure (SHUT {self.shut}){because}"
         return self._failure
+
+    def info(self) -> dict[str, Any]:
+        """What the destination said so far, for query-migrate."""
+        return {"pongs": list(self.pongs), "shut": self.shut}
 
     def close(self) -> None:
         """Join the thread; the caller first shuts the channel down if it may

@@ -216,7 +216,10 @@ class MigrationSource(Endpoint):
         info["x-rounds"] = self._round
         info["x-dirty-tracker"] = self._tracker_names
         info["x-multifd-channels"] = [c.to_json() for c in self._channel_stats()]
-        if self._return_path_info is not None:
+        return_path = self._return_path
+        if return_path is not None:
+            info["x-return-path"] = return_path.info()
+        elif self._return_path_info is not None:
             info["x-return-path"] = dict(self._return_path_info)
         if self._verified_pages is not None:
             # The comparison happens at the destination: the source only knows
@@ -587,7 +590,7 @@ class MigrationSource(Endpoint):
             connections.shutdown()
         if return_path is not None:
             return_path.close()
-            self._return_path_info = {"pongs": list(return_path.pongs), "shut": return_path.shut}
+            self._return_path_info = return_path.info()
         if connections is not None:
             connections.close()
         for tracker in trackers:
