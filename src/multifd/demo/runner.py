@@ -40,7 +40,13 @@ class DemoOptions:
     extra_parameters: dict[str, Any] = field(default_factory=dict)
 
     def capabilities(self) -> dict[str, bool]:
-        return {"multifd": self.multifd, "auto-converge": self.auto_converge, "events": True}
+        # return-path: the source's final status is the destination's verdict.
+        return {
+            "multifd": self.multifd,
+            "auto-converge": self.auto_converge,
+            "events": True,
+            "return-path": True,
+        }
 
     def parameters(self) -> dict[str, Any]:
         return {
