@@ -6,8 +6,10 @@ completed, or to failed / cancelled from any live state, and never back.
 
 from __future__ import annotations
 
+import inspect
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from enum import Enum
 
@@ -64,7 +66,14 @@ class MigrationState:
         self.status = MigrationStatus.NONE
         self.error: str | None = None
         self.times: dict[MigrationStatus, float] = {}
-        self._on_change = on_change
+        # The endpoint that owns this state listens with one of its methods:
+        # held strongly, it would keep the endpoint (and its views of RAM)
+        # alive in a cycle until the garbage collector runs.
+        self._on_change: Callable[[], Callable[[MigrationStatus], None] | None] | None = None
+        if inspect.ismethod(on_change):
+            self._on_change = weakref.WeakMethod(on_change)
+        elif on_change is not None:
+            self._on_change = lambda: on_change
 
     def set(self, new: MigrationStatus) -> bool:
         """Move to `new` if the table allows it from the current status."""
@@ -76,8 +85,9 @@ class MigrationState:
             if new is MigrationStatus.SETUP:
                 self.error = None
             self._changed.notify_all()
-        if self._on_change is not None:
-            self._on_change(new)
+        on_change = self._on_change() if self._on_change is not None else None
+        if on_change is not None:
+            on_change(new)
         return True
 
     def fail(self, message: str) -> bool:
