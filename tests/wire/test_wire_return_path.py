@@ -3,7 +3,10 @@ messages the destination sends back, exactly as QEMU 7.2 lays them out."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
+from wire_support import Recording
 
 from multifd.wire import (
     Command,
@@ -13,6 +16,7 @@ from multifd.wire import (
     Shut,
     ShutReason,
     VMCommand,
+    VMDescription,
     WireError,
 )
 from multifd.wire.return_path import MAX_MESSAGE_DATA
@@ -94,3 +98,30 @@ def test_bad_messages_are_refused_naming_message_and_position(
     assert message.startswith("main channel: return path: byte ")
     for word in words:
         assert word in message, message
+
+
+class OpenEndedSource:
+    """A stream whose sender keeps its end open, as a source waiting for SHUT
+    does: reading past its last byte would block for ever, so it fails instead."""
+
+    def __init__(self, data: bytes) -> None:
+        self._data = BufferSource(data)
+
+    def read_exact(self, n: int) -> bytes:
+        assert n <= self._data.remaining, "read past the end of an open stream"
+        return self._data.read_exact(n)
+
+    def read_to_eof(self, limit: int, complete: Callable[[bytes], bool] | None = None) -> bytes:
+        data = b""
+        while complete is None or not data or not complete(data):
+            assert self._data.remaining, "read to the end of an open stream: it would block"
+            data += self._data.read_exact(min(4096, self._data.remaining))
+        return data
+
+
+def test_opaque_device_state_ends_at_the_vmdesc_of_an_open_stream(recording: Recording) -> None:
+    """A real QEMU 7.2 stream: its device sections are split out without waiting
+    for the connection to close."""
+    records = list(MainStreamDecoder(OpenEndedSource(recording.main)))
+    assert records == recording.records
+    assert isinstance(records[-1], VMDescription)
