@@ -205,7 +205,8 @@ class Channel:
         while len(data) <= limit:
             if complete is not None and data and complete(bytes(data)):
                 break
-            n = self._recv_some([view], start, limit + 1, len(data))
+            # Not an exact read: a peer that waits for our answer sends no more.
+            n = self.read_some_into(view)
             if n == 0:
                 break
             data += view[:n]
