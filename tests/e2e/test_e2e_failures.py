@@ -183,9 +183,10 @@ def test_application_callback_raising(migration: Callable[..., Migration], callb
 
 def test_blocks_that_differ_fail_at_the_destination(tmp_path: Path) -> None:
     """A destination whose block has another size, or another name, refuses
-    the migration with QEMU's message; the source fails too."""
+    the migration with QEMU's message; the source, told over the return path,
+    fails too (without one it may have finished writing into the sockets)."""
     source_block = RAMBlock.anonymous("pc.ram", 8 * MiB)
-    fill(source_block.array)  # more than the sockets hold: the source cannot finish alone
+    fill(source_block.array)
     cases = [
         (RAMBlock.anonymous("pc.ram", 4 * MiB), "Length mismatch: pc.ram: 0x800000 in != 0x400000"),
         (
@@ -195,7 +196,7 @@ def test_blocks_that_differ_fail_at_the_destination(tmp_path: Path) -> None:
     ]
     source = MigrationSource(
         [source_block],
-        capabilities={"multifd": True},
+        capabilities={"multifd": True, "return-path": True},
         parameters={"multifd-channels": 2, "max-bandwidth": 0},
     )
     try:

@@ -34,6 +34,8 @@ except (ValueError, OSError):  # pragma: no cover - every Linux has it
 EXEC_EXIT_TIMEOUT = 30.0
 
 _READ_CHUNK = 64 * 1024
+# Capped by net.core.wmem_max (4 MiB on this class of machine).
+UNIX_SNDBUF = 4 << 20
 # struct linger {l_onoff = 1, l_linger = 0}: close() sends a reset.
 _LINGER_RESET = struct.pack("ii", 1, 0)
 
@@ -91,6 +93,12 @@ class Channel:
         self._shut = False
         self._closed = False
         self.timeout = timeout
+        if self._sock is not None and self._sock.family == socket.AF_UNIX:
+            # A unix socket queues at most its sender's SO_SNDBUF (about 200 KiB
+            # by default), less than one 512 KiB packet: each packet cost several
+            # sleeps and wake-ups on both ends. TCP tunes its own buffers.
+            with contextlib.suppress(OSError):
+                self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, UNIX_SNDBUF)
 
     def __repr__(self) -> str:
         kind = "tls" if self._tls else "socket" if self._sock is not None else "fd"

@@ -109,6 +109,8 @@ class MigrationDestination(Endpoint):
         self._receiver: MultifdReceiver | None = None
         self._return_path: ReturnPathWriter | None = None
         self.uri: str | None = None
+        # 256 pages (1 MiB) through which runs of ZERO records are checked.
+        self._zero_scratch = np.empty((256, TARGET_PAGE_SIZE // 8), dtype=np.uint64)
         self._reset()
 
     # -- control --------------------------------------------------------------
@@ -432,12 +434,20 @@ class MigrationDestination(Endpoint):
             raise WireError("x-verify: memory differs from the source's: " + "; ".join(failures))
 
     def _zero_run(self, array: np.ndarray, offsets: np.ndarray) -> None:
-        """Many zero pages at once; as for one, pages already zero stay untouched."""
+        """Many zero pages at once; as for one, pages already zero stay untouched
+        (never-touched memory stays unallocated)."""
         rows = array[: len(array) - len(array) % TARGET_PAGE_SIZE].reshape(-1, TARGET_PAGE_SIZE)
+        words = rows.view(np.uint64)
         pages = (offsets // np.uint64(TARGET_PAGE_SIZE)).astype(np.intp)
-        written = rows.view(np.uint64)[pages].any(axis=1)
-        if written.any():
-            rows[pages[written]] = 0
+        # Checked through one small reused buffer: gathering a whole run at once
+        # allocated (and the kernel zeroed) a buffer as big as the run.
+        scratch = self._zero_scratch
+        for first in range(0, len(pages), len(scratch)):
+            chunk = pages[first : first + len(scratch)]
+            gathered = np.take(words, chunk, axis=0, out=scratch[: len(chunk)])
+            written = np.bitwise_or.reduce(gathered, axis=1) != 0
+            if written.any():
+                rows[chunk[written]] = 0
         self.ram.duplicate += len(pages)
 
     def _sync(self, label: str) -> None:
