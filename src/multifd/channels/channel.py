@@ -168,8 +168,8 @@ class Channel:
     def readv_into(self, buffers: Sequence[bytearray | memoryview]) -> int:
         """Fill every buffer completely, in order, straight from the stream
         (recvmsg_into / readv); returns the byte count."""
-        views = [v for v in (memoryview(b).cast("B") for b in buffers) if len(v)]
-        total = sum(len(v) for v in views)
+        views = _byte_views(buffers)
+        total = sum(map(len, views))
         if total:
             self._fill(views, total)
         return total
@@ -241,6 +241,8 @@ class Channel:
             views = _advance(views, n)
         while views:
             n = self._recv_some(views, start, total, got)
+            if n == total - got:
+                break  # the usual case: one MSG_WAITALL call read everything
             if n == 0:
                 self.bytes_read = start + got
                 if self._shut:
@@ -284,12 +286,15 @@ class Channel:
     def writev_all(self, buffers: Sequence[Buffer]) -> int:
         """Write every buffer in order (sendmsg / writev), looping over partial
         writes by advancing views: page buffers are never copied or joined."""
-        views = [v for v in (memoryview(b).cast("B") for b in buffers) if len(v)]
-        total = sum(len(v) for v in views)
-        while views:
+        views = _byte_views(buffers)
+        total = sum(map(len, views))
+        left = total
+        while left:
             n = self._send_some(views)
             self.bytes_written += n
-            views = _advance(views, n)
+            left -= n
+            if left:  # a partial write: a timeout, a signal, or more than IOV_MAX
+                views = _advance(views, n)
         return total
 
     def _send_some(self, views: list[memoryview]) -> int:
@@ -428,6 +433,18 @@ class Connections:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+def _byte_views(buffers: Sequence[Buffer]) -> list[memoryview]:
+    """Flat byte views of the non-empty buffers. Views that already are (page
+    slices of a RAM block: dozens per packet) pass through as they are."""
+    views = []
+    for b in buffers:
+        if type(b) is not memoryview or b.format != "B" or b.ndim != 1:
+            b = memoryview(b).cast("B")
+        if len(b):
+            views.append(b)
+    return views
 
 
 def _copy_into(views: list[memoryview], data: bytearray) -> int:

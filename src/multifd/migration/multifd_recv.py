@@ -26,7 +26,7 @@ from ..wire import (
     WireError,
 )
 from .compression import make_decompressor
-from .multifd_send import page_runs
+from .multifd_send import byte_runs
 from .stats import ChannelStats, MigrationAborted
 
 
@@ -43,6 +43,9 @@ class _RecvChannel:
         self.heads: list[tuple[int, str, int]] = []
         self.tails: list[tuple[int, str, int]] = []
         self.thread: threading.Thread | None = None
+        # Every header lands in the same buffer: no allocation per packet.
+        self.header = bytearray(PACKET_HEADER_SIZE)
+        self.header_view = memoryview(self.header)
 
 
 class MultifdReceiver:
@@ -64,12 +67,16 @@ class MultifdReceiver:
         self._on_error = on_error
         # name → (used_length, writable uint8 array); set from MEM_SIZE.
         self._blocks: dict[str, tuple[int, np.ndarray]] = {}
+        self._lengths: dict[str, int] = {}
+        self._views: dict[str, memoryview] = {}  # name → byte view, for page slices
         self.channels = [_RecvChannel(ch, i, compression) for i, ch in enumerate(channels)]
         self.repeated = 0  # pages counted once although received twice (7.2 quirk)
 
     def set_blocks(self, blocks: Mapping[str, np.ndarray]) -> None:
         """The destination's blocks by name, once MEM_SIZE has been checked."""
         self._blocks = {name: (len(array), array) for name, array in blocks.items()}
+        self._lengths = {name: len(array) for name, array in blocks.items()}
+        self._views = {name: memoryview(array).cast("B") for name, array in blocks.items()}
 
     def start(self) -> None:
         for rc in self.channels:
@@ -173,8 +180,9 @@ class MultifdReceiver:
     def _receive_one(self, rc: _RecvChannel) -> bool:
         channel = rc.channel
         where = Where(channel=rc.stats.id, packet=rc.stats.packets, offset=channel.bytes_read)
+        header = rc.header
         try:
-            header = channel.read_exact(PACKET_HEADER_SIZE)
+            channel.readv_into([rc.header_view])
         except ChannelEOFError as exc:
             if exc.missing != exc.wanted:
                 raise
@@ -212,23 +220,21 @@ class MultifdReceiver:
             rc.tails.append((packet.packet_num, name, int(offsets[-1])))
 
     def _pages(self, rc: _RecvChannel, packet: MultiFDPacket, where: Where) -> None:
-        lengths = {name: length for name, (length, _) in self._blocks.items()}
-        name, offsets = packet.check_pages(lengths, self._compression, where)
+        name, offsets = packet.check_pages(self._lengths, self._compression, where)
         array = self._blocks[name][1]
         normal = packet.normal_pages
         data_offsets, zero_offsets = offsets[:normal], offsets[normal:]
-        aligned = not np.any(offsets % TARGET_PAGE_SIZE)
+        aligned = not np.bitwise_and(offsets, TARGET_PAGE_SIZE - 1).any()
         if normal:
             if rc.decompressor is None:
+                view = self._views[name]
                 if aligned:
-                    pages = (data_offsets // TARGET_PAGE_SIZE).astype(np.int64)
                     views = [
-                        array[first * TARGET_PAGE_SIZE : (first + count) * TARGET_PAGE_SIZE]
-                        for first, count in page_runs(pages)
+                        view[start:end] for start, end in byte_runs(data_offsets, TARGET_PAGE_SIZE)
                     ]
                 else:
-                    views = [array[o : o + TARGET_PAGE_SIZE] for o in data_offsets.tolist()]
-                rc.channel.readv_into([memoryview(v) for v in views])
+                    views = [view[o : o + TARGET_PAGE_SIZE] for o in data_offsets.tolist()]
+                rc.channel.readv_into(views)
             else:
                 payload = rc.channel.read_exact(packet.next_packet_size)
                 data = rc.decompressor.decompress(payload, normal * TARGET_PAGE_SIZE, where)

@@ -75,15 +75,18 @@ class _SendChannel:
     thread: threading.Thread | None = None
 
 
-def page_runs(pages: np.ndarray) -> list[tuple[int, int]]:
-    """Consecutive page indices as (first, count) runs, so adjacent pages go out
-    as one buffer."""
-    if not len(pages):
-        return []
-    breaks = np.flatnonzero(np.diff(pages) != 1) + 1
-    starts = np.concatenate(([0], breaks))
-    ends = np.concatenate((breaks, [len(pages)]))
-    return list(zip(pages[starts].tolist(), (ends - starts).tolist(), strict=True))
+def byte_runs(offsets: np.ndarray, size: int) -> zip:
+    """(start, end) byte ranges of runs of adjacent `size`-byte pages at
+    `offsets`, so that adjacent pages travel as one buffer."""
+    offsets = offsets.astype(np.int64, copy=False)
+    step = np.diff(offsets) != size
+    first = np.empty(len(offsets), dtype=np.bool_)
+    first[0] = True
+    first[1:] = step
+    last = np.empty(len(offsets), dtype=np.bool_)
+    last[-1] = True
+    last[:-1] = step
+    return zip(offsets[first].tolist(), (offsets[last] + size).tolist(), strict=True)
 
 
 class MultifdSender:
@@ -270,10 +273,8 @@ class MultifdSender:
         """A packet's header and payload buffers, and the payload's size."""
         assert batch.buffer is not None
         buffer = batch.buffer
-        views = [
-            buffer[first * TARGET_PAGE_SIZE : (first + count) * TARGET_PAGE_SIZE]
-            for first, count in page_runs(packet.pages)
-        ]
+        offsets = packet.pages * TARGET_PAGE_SIZE
+        views = [buffer[start:end] for start, end in byte_runs(offsets, TARGET_PAGE_SIZE)]
         if compressor is None:
             payload: list = views
             size = len(packet.pages) * TARGET_PAGE_SIZE
@@ -283,7 +284,7 @@ class MultifdSender:
             size = len(compressed)
         header = MultiFDPacket.for_pages(
             batch.block_name,
-            packet.pages.astype(np.uint64) * np.uint64(TARGET_PAGE_SIZE),
+            offsets,
             flags=self._compression.flag,
             packet_num=packet.packet_num,
             payload_size=size,

@@ -56,7 +56,12 @@ class Compression(Enum):
 
     @property
     def flag(self) -> int:
-        return {"none": 0, "zlib": PacketFlag.ZLIB, "zstd": PacketFlag.ZSTD}[self.value]
+        return _COMPRESSION_FLAGS[self.value]
+
+
+# Plain ints: IntFlag arithmetic costs microseconds, paid on every packet.
+_COMPRESSION_FLAGS = {"none": 0, "zlib": int(PacketFlag.ZLIB), "zstd": int(PacketFlag.ZSTD)}
+_SYNC = int(PacketFlag.SYNC)
 
 
 class PacketLayout(Enum):
@@ -319,7 +324,7 @@ class MultiFDPacket:
 
     @property
     def is_sync(self) -> bool:
-        return bool(self.flags & PacketFlag.SYNC)
+        return bool(self.flags & _SYNC)
 
     @property
     def page_count(self) -> int:
@@ -329,13 +334,17 @@ class MultiFDPacket:
     def compression_bits(self) -> int:
         return self.flags & COMPRESSION_MASK
 
-    def block_name(self, where: Where | None = None) -> str:
-        """The ramblock field up to its NUL (QEMU forces byte 255 to NUL)."""
+    def block_name(self, where: Where | None = None, offset: int | None = None) -> str:
+        """The ramblock field up to its NUL (QEMU forces byte 255 to NUL); an
+        error names `where`, at `offset` when given."""
         raw = self.ramblock[: RAMBLOCK_FIELD_SIZE - 1].split(b"\0", 1)[0]
         try:
             return raw.decode("utf-8")
         except UnicodeDecodeError:
-            raise WireError.bad_field("ramblock", raw, "UTF-8 text", where or Where()) from None
+            where = where or Where()
+            if offset is not None:
+                where = where.at(offset)
+            raise WireError.bad_field("ramblock", raw, "UTF-8 text", where) from None
 
     def offsets(self) -> np.ndarray:
         """Every meaningful slot: normal pages first, then (9.0) zero pages."""
@@ -373,7 +382,7 @@ class MultiFDPacket:
                 value=self.flags,
                 expected=f"compression {compression.value}",
             )
-        name = self.block_name(where.at(base + 64))
+        name = self.block_name(where, base + 64)
         if name not in blocks:
             raise WireError(
                 f"multifd: unknown ram block {name}",
@@ -384,9 +393,8 @@ class MultiFDPacket:
             )
         offsets = self.offsets().astype(np.uint64)
         limit = blocks[name] - TARGET_PAGE_SIZE
-        bad = np.flatnonzero(offsets > limit)
-        if len(bad):
-            i = int(bad[0])
+        if offsets.max() > limit:
+            i = int(np.flatnonzero(offsets > limit)[0])
             raise WireError(
                 f"multifd: offset too long: offset {int(offsets[i]):#x} beyond block "
                 f'"{name}" (used_length {blocks[name]:#x})',
