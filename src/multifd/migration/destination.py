@@ -342,10 +342,12 @@ class MigrationDestination(Endpoint):
             elif isinstance(record, Configuration):
                 self._check_configuration(record, settings)
             elif isinstance(record, DeviceState):
-                if record.header.idstr == APP_STATE_IDSTR:
-                    self.app_state = AppState.from_body(record.data)
-                elif record.header.idstr == VERIFY_IDSTR:
-                    verify = VerifySection.from_body(record.data)
+                header = record.header
+                where = Where(section=f'section "{header.idstr}" (id {header.section_id})')
+                if header.idstr == APP_STATE_IDSTR:
+                    self.app_state = AppState.from_body(record.data, where)
+                elif header.idstr == VERIFY_IDSTR:
+                    verify = VerifySection.from_body(record.data, where)
                 else:
                     self.device_state.append(record)
             elif isinstance(record, VMDescription):

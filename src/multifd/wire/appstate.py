@@ -11,7 +11,7 @@ import json
 import struct
 from dataclasses import dataclass
 
-from .errors import WireError
+from .errors import Where, WireError
 from .reader import Reader
 from .stream import MAX_DEVICE_STATE, SectionStart, VMDescription
 
@@ -38,9 +38,25 @@ class AppState:
         return SectionStart(section_id, APP_STATE_IDSTR, 0, APP_STATE_VERSION, full=True)
 
     @classmethod
-    def from_body(cls, body: bytes) -> AppState:
+    def from_body(cls, body: bytes, where: Where | None = None) -> AppState:
+        """Parse a section body, checking its length field: after an opaque QEMU
+        device section, ours come split from the stream's tail, never read."""
+        where = where or Where()
+        if len(body) < _HEAD.size:
+            raise WireError(
+                f"truncated app-state header: needs {_HEAD.size} bytes, the section has "
+                f"{len(body)}",
+                where=where,
+            )
         stop, length = _HEAD.unpack_from(body)
-        return cls(body[_HEAD.size : _HEAD.size + length], stop)
+        if _HEAD.size + length != len(body):
+            raise WireError.bad_field(
+                "app-state length",
+                length,
+                f"{len(body) - _HEAD.size} (the bytes after its header)",
+                where,
+            )
+        return cls(body[_HEAD.size :], stop)
 
     def vmdesc_entry(self) -> dict:
         return {

@@ -13,8 +13,9 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from .errors import WireError
+from .errors import Where, WireError
 from .reader import Reader, counted_string
+from .source import BufferSource
 from .stream import MAX_DEVICE_STATE, SectionStart
 
 VERIFY_IDSTR = "multifd/verify"
@@ -51,8 +52,22 @@ class VerifySection:
         return b"".join(parts)
 
     @classmethod
-    def from_body(cls, body: bytes) -> VerifySection:
-        """Parse a body `read_verify` already bounded and checked."""
+    def from_body(cls, body: bytes, where: Where | None = None) -> VerifySection:
+        """Parse a section body. It is checked again here: after an opaque
+        QEMU device section, ours come split from the stream's tail, unread.
+        Error offsets count from `where.offset` (the body's first byte if None)."""
+        where = where or Where()
+        reader = Reader(BufferSource(body), where, where.offset or 0)
+        read_verify(reader)
+        used = reader.offset - (where.offset or 0)
+        if used != len(body):
+            raise WireError(
+                f"verify section has {len(body) - used} bytes after its hashes",
+                where=reader.where,
+                field="verify section length",
+                value=len(body),
+                expected=str(used),
+            )
         seed, count = _HEAD.unpack_from(body)
         pos = _HEAD.size
         blocks = []
