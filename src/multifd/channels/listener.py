@@ -112,7 +112,12 @@ class Listener:
             raise
 
     def _listen(self, target: SocketURI) -> None:
-        self._sock, self.uri = listen_socket(target, backlog=max(16, self._channels + 1))
+        # The kernel's largest backlog, not the channel count: a burst of
+        # connections (stray or hostile peers, or a source's channels while
+        # the accept thread starts handshake threads) must queue, not overflow.
+        # An overflowing queue drops SYNs, and every connect behind them, the
+        # source's too, waits a whole SYN retransmission (1 s, then 3 s …).
+        self._sock, self.uri = listen_socket(target, backlog=socket.SOMAXCONN)
         if isinstance(target, UnixURI):
             st = os.stat(target.path)
             self._unix_identity = (st.st_dev, st.st_ino)
