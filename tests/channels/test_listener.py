@@ -254,28 +254,56 @@ def test_refuses_a_connection_beyond_n(listener: Listener, raw_connect: Connect)
     assert listener.mismatches == []  # a stray peer does not condemn the migration
 
 
+def test_a_source_with_more_channels_is_a_mismatch(
+    listener: Listener, raw_connect: Connect
+) -> None:
+    """Our UUID and an id past ours: that source's pages on the refused channel
+    would be lost, so the owner must fail the migration."""
+    send_source(raw_connect, listener.uri, ["main", 0, 1, 2, 3])
+    with listener.wait(10) as destination:
+        extra = raw_connect(listener.uri)
+        extra.sendall(init(N))
+        wait_closed_by_listener(extra)
+        check_placed(destination)
+    (mismatch,) = listener.mismatches
+    assert f"channel id {N}, expected below multifd-channels ({N})" in mismatch
+    assert listener.refusals == [mismatch]
+
+
 @pytest.mark.parametrize(
     ("first_bytes", "reason"),
     [
-        (init(N), f"channel id {N}, expected below multifd-channels ({N})"),
         (init(1), "multifd: received id '1' already setup"),
         (init(0, uuid=bytes(16)), "multifd: received uuid '00000000-"),
     ],
 )
-def test_a_source_set_up_differently_is_a_mismatch(
+def test_another_sources_channel_is_refused_not_a_mismatch(
     listener: Listener, raw_connect: Connect, first_bytes: bytes, reason: str
 ) -> None:
-    """More channels than ours, a channel twice, another UUID: that source's pages
-    on the refused channel would be lost, so the owner must fail the migration."""
+    """Another UUID is another source; an id already placed is a second source
+    (no source sends an id twice). Like a second main channel, they are refused
+    and leave the migration alone: a stray peer cannot end it with 64 bytes."""
     send_source(raw_connect, listener.uri, ["main", 0, 1, 2, 3])
     with listener.wait(10) as destination:
         extra = raw_connect(listener.uri)
         extra.sendall(first_bytes)
         wait_closed_by_listener(extra)
         check_placed(destination)
-    (mismatch,) = listener.mismatches
-    assert reason in mismatch
-    assert listener.refusals == [mismatch]
+    (refusal,) = listener.refusals
+    assert reason in refusal
+    assert listener.mismatches == []
+
+
+def test_another_uuid_while_waiting_is_refused_not_a_mismatch(
+    listener: Listener, raw_connect: Connect
+) -> None:
+    bad = raw_connect(listener.uri)
+    bad.sendall(init(0, uuid=bytes(16)))
+    wait_closed_by_listener(bad)
+    assert listener.mismatches == []
+    send_source(raw_connect, listener.uri, ["main", 0, 1, 2, 3])
+    with listener.wait(10, until_mismatch=True) as destination:
+        check_placed(destination)
 
 
 def test_refuses_multifd_when_it_is_off(

@@ -44,8 +44,8 @@ class _Refused(Exception):
 
 
 class _Mismatch(_Refused):
-    """A multifd channel of a source set up differently (UUID, more channels, a
-    duplicate id): its pages would be lost, so the migration must fail."""
+    """A multifd channel of a source set up differently (more channels than
+    ours): its pages would be lost, so the migration must fail."""
 
 
 class Listener:
@@ -57,7 +57,8 @@ class Listener:
     first four bytes: "QEVM" is the main channel (those bytes stay in the channel
     for the stream decoder), the multifd magic starts a 64-byte init that is
     checked (version, `uuid`, id below `channels`) and places the channel by id.
-    Refused connections are closed and described in `refusals`.
+    Refused connections are closed, logged and described in `refusals`; a
+    refusal never disturbs the channels already placed.
 
     For fd:, exec: and file: there is nothing to accept: the main channel is opened
     at once, and `channels` must be 0.
@@ -142,10 +143,15 @@ class Listener:
 
     @property
     def mismatches(self) -> list[str]:
-        """The refusals of multifd channels that a source really sent (a wrong
-        UUID, an id beyond multifd-channels, a duplicate id, one channel too
-        many). Whatever that source writes on them is lost: a migration with
-        any of them must fail, as QEMU's does."""
+        """The refusals of multifd channels that the migration's source really
+        sent: our UUID with an id beyond multifd-channels (a source with more
+        channels than ours). Whatever it writes on them is lost: a migration
+        with any of them must fail, as QEMU's does.
+
+        Another UUID is another source's channel, and a second channel with an
+        id already placed is a second source (no source sends an id twice):
+        refused like a second main channel, they leave this migration alone,
+        so a stray or hostile peer cannot end it with 64 bytes."""
         with self._lock:
             return list(self._mismatches)
 
@@ -349,6 +355,8 @@ class Listener:
             try:
                 init.check(self._uuid, self._channels)
             except WireError as exc:
+                if exc.field == "uuid":
+                    raise _Refused(exc.message) from None
                 raise _Mismatch(exc.message) from None
             self._place(number, channel, init.channel_id, label)
         except ChannelTimeoutError:
@@ -403,7 +411,7 @@ class Listener:
                 channel.timeout = None
                 self._changed.notify_all()
             elif refusal is not None:
-                self._refuse_locked(label, refusal, mismatch=channel_id is not None)
+                self._refuse_locked(label, refusal)
         if not placed:
             channel.close()
 
