@@ -17,6 +17,7 @@ import numpy as np
 
 from ..channels import (
     ChannelError,
+    HANDSHAKE_TIMEOUT,
     ChannelTimeoutError,
     Connections,
     Listener,
@@ -126,7 +127,17 @@ class MigrationDestination(Endpoint):
         channels = settings.parameter("multifd-channels") if settings.capability("multifd") else 0
         if channels:
             check_multifd(target)
-        listener = Listener(target, channels=channels, uuid=self.uuid, tls=tls_config(settings))
+        # A connection's first bytes are I/O like any other: a peer that sends
+        # nothing is refused within x-io-timeout, if that is shorter (0, "no
+        # timeout", still bounds a handshake: a silent peer must not hold a thread).
+        io_timeout = settings.parameter("x-io-timeout")
+        listener = Listener(
+            target,
+            channels=channels,
+            uuid=self.uuid,
+            tls=tls_config(settings),
+            handshake_timeout=min(io_timeout or HANDSHAKE_TIMEOUT, HANDSHAKE_TIMEOUT),
+        )
         self._reset()
         self._cancel.clear()
         with self._lock:
