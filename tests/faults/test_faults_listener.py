@@ -6,6 +6,7 @@ destination keeps waiting (or migrating); a real source then completes."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import socket
@@ -59,7 +60,11 @@ class Hostile:
         if first_bytes:
             sock.sendall(first_bytes)
         if then_close:
-            sock.shutdown(socket.SHUT_WR)  # the peer is gone; the listener sees EOF
+            # The peer is gone; the listener sees EOF. It may have refused the
+            # connection already (junk is judged on its first 4 bytes): then
+            # the socket is reset and there is nothing left to shut down.
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_WR)
         peer = Peer(sock, reason)
         self.peers.append(peer)
         return peer
@@ -259,8 +264,12 @@ def test_a_source_with_another_uuid_fails_within_the_io_timeout(
     )
     m.source.uuid = OTHER_UUID
     src, dst = m.run()
-    assert src["status"] == "failed", src
+    # With no return path the source may have written everything into the
+    # socket buffers before its refused channels were closed (as a QEMU 7.2
+    # source may): what matters is that the destination never resumes.
+    assert src["status"] in ("failed", "completed"), src
     assert dst["status"] == "failed", dst
+    assert m.resumed == []
     assert f"timed out after {IO_TIMEOUT} s waiting for channels" in dst["error-desc"]
     assert "multifd: received uuid '0badc0de-0bad-c0de-0bad-c0de0badc0de'" in dst["error-desc"]
     assert dst["total-time"] < (IO_TIMEOUT + 5) * 1000, dst
