@@ -198,11 +198,11 @@ def test_settings_refused_while_migrating(migration: Callable[..., Migration]) -
 
 def test_mismatched_settings_fail_the_migration(migration: Callable[..., Migration]) -> None:
     """Settings each end accepts but that disagree (zstd against none) fail the
-    migration with a message naming channel and packet; both ends can then
-    migrate again. Over unix: more than the sockets hold, so the source cannot
-    finish on its own before the destination's failure reaches it."""
+    migration with a message naming channel and packet; the source learns it
+    over the return path; both ends can then migrate again."""
     m = migration(
         transport="unix",
+        capabilities={"return-path": True},
         parameters={"multifd-channels": 2, "multifd-compression": "zstd"},
         dst_parameters={"multifd-compression": "none"},
     )
