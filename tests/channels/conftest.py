@@ -15,6 +15,7 @@ import trustme
 
 import leakcheck
 from multifd.channels import Listener, MigrationURI, TcpURI, UnixURI
+from tls_creds import CLIENT_NAME, SERVER_NAMES, make_creds
 
 
 @pytest.fixture(autouse=True)
@@ -138,22 +139,18 @@ def creds(tmp_path: Path, ca: trustme.CA) -> Callable[..., Path]:
         trust: trustme.CA = ca,
         server: trustme.CA | None = None,
         client: trustme.CA | None = None,
-        server_names: tuple[str, ...] = ("localhost", "127.0.0.1", "::1"),
-        client_name: str = "source.example",
+        server_names: tuple[str, ...] = SERVER_NAMES,
+        client_name: str = CLIENT_NAME,
     ) -> Path:
         """A directory trusting `trust`, with a server certificate signed by
         `server` and a client certificate signed by `client` (None: left out)."""
-        directory = tmp_path / name
-        directory.mkdir()
-        trust.cert_pem.write_to_path(directory / "ca-cert.pem")
-        if server is not None:
-            cert = server.issue_cert(*server_names)
-            cert.cert_chain_pems[0].write_to_path(directory / "server-cert.pem")
-            cert.private_key_pem.write_to_path(directory / "server-key.pem")
-        if client is not None:
-            cert = client.issue_cert(client_name, common_name=client_name)
-            cert.cert_chain_pems[0].write_to_path(directory / "client-cert.pem")
-            cert.private_key_pem.write_to_path(directory / "client-key.pem")
-        return directory
+        return make_creds(
+            tmp_path / name,
+            trust=trust,
+            server=server,
+            client=client,
+            server_names=server_names,
+            client_name=client_name,
+        )
 
     return make
