@@ -6,10 +6,13 @@ from __future__ import annotations
 import contextlib
 import re
 import socket
+import ssl
+import threading
 import time
 import uuid as uuid_module
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trustme
@@ -17,6 +20,8 @@ import trustme
 from multifd.channels import (
     Channel,
     ChannelError,
+    ChannelTimeoutError,
+    Connections,
     Listener,
     MigrationURI,
     TLSConfig,
@@ -267,3 +272,123 @@ def test_close_ends_a_pending_tls_handshake_at_once(
     with contextlib.suppress(ConnectionResetError):
         assert stalled.recv(1) == b""
     assert listener.refusals == []
+
+
+# ---- one session, a reading thread and a writing thread (return-path) ----------
+
+
+class OverlapProbe:
+    """Stands in for an SSLSocket's SSL object and records how many of its calls
+    ran at the same moment: OpenSSL allows one at a time on one session."""
+
+    def __init__(self, sslobj: Any) -> None:
+        self._sslobj = sslobj
+        self._lock = threading.Lock()
+        self._inside = 0
+        self.most_at_once = 0
+        self.calls = 0
+
+    def __getattr__(self, name: str) -> Any:
+        target = getattr(self._sslobj, name)
+        if name not in ("read", "write", "pending", "shutdown"):
+            return target
+
+        def call(*args: Any) -> Any:
+            with self._lock:
+                self._inside += 1
+                self.calls += 1
+                self.most_at_once = max(self.most_at_once, self._inside)
+            try:
+                return target(*args)
+            finally:
+                with self._lock:
+                    self._inside -= 1
+
+        return call
+
+
+def tls_pair(
+    listen: Callable[..., Listener], server: TLSConfig, client: TLSConfig
+) -> tuple[Connections, Connections]:
+    listener = listen("tcp:127.0.0.1:0", tls=server)
+    source = connect_channels(listener.uri, header=HEADER, tls=client)
+    destination = listener.wait(10)
+    assert destination.main.read_exact(len(HEADER)) == HEADER
+    return source, destination
+
+
+def probe(channel: Channel) -> OverlapProbe:
+    sock = channel._sock
+    assert isinstance(sock, ssl.SSLSocket)
+    watcher = OverlapProbe(sock._sslobj)
+    sock._sslobj = watcher  # type: ignore[assignment]
+    return watcher
+
+
+@pytest.mark.parametrize("timeout", [None, 5.0])
+def test_a_reader_and_a_writer_share_one_tls_session(
+    listen: Callable[..., Listener],
+    server: TLSConfig,
+    client: TLSConfig,
+    background: Callable[..., Any],
+    timeout: float | None,
+) -> None:
+    """The source's return-path thread waits to read the main channel while the
+    migration thread writes megabytes into it; the destination answers at the end.
+    No SSL call overlaps another, and waiting to read never holds up a write."""
+    source, destination = tls_pair(listen, server, client)
+    with source, destination:
+        source.main.timeout = destination.main.timeout = timeout
+        watched = probe(source.main)
+        reader = background(source.main.read_exact, 5)  # blocked until the answer
+        payload = bytes(range(256)) * 4096  # 1 MiB per write, more than the socket holds
+        drained = background(destination.main.read_exact, 8 * len(payload))
+        for _ in range(8):
+            source.main.write_all(payload)
+        assert drained.result() == payload * 8
+        destination.main.write_all(b"SHUT!")
+        assert reader.result() == b"SHUT!"
+        assert watched.calls > 8
+        assert watched.most_at_once == 1
+
+
+def test_a_tls_read_and_write_time_out_on_their_own(
+    listen: Callable[..., Listener], server: TLSConfig, client: TLSConfig
+) -> None:
+    source, destination = tls_pair(listen, server, client)
+    with source, destination:
+        source.main.timeout = 0.2
+        with pytest.raises(ChannelTimeoutError, match=r"main channel: no data for 0\.2 s"):
+            source.main.read_exact(1)
+        # The destination reads nothing: the socket buffers fill, then the write waits.
+        with pytest.raises(ChannelTimeoutError, match=r"main channel: could not write for 0\.2 s"):
+            for _ in range(256):
+                source.main.write_all(bytes(1 << 20))
+
+
+def test_shutdown_ends_a_blocked_tls_read_and_write(
+    listen: Callable[..., Listener],
+    server: TLSConfig,
+    client: TLSConfig,
+    background: Callable[..., Any],
+) -> None:
+    """No timeout, a peer that neither writes nor reads: shutdown() from a third
+    thread ends both waits at once."""
+    source, destination = tls_pair(listen, server, client)
+    with source, destination:
+        reader = background(source.main.read_exact, 1)
+
+        def write_forever() -> None:
+            while True:
+                source.main.write_all(bytes(1 << 20))
+
+        writer = background(write_forever)
+        time.sleep(0.2)  # both wait: nothing to read, the socket buffers are full
+        assert reader.thread.is_alive() and writer.thread.is_alive()
+        started = time.monotonic()
+        source.main.shutdown()
+        with pytest.raises(ChannelError, match="main channel: shut down while reading"):
+            reader.result()
+        with pytest.raises(ChannelError, match=r"main channel: write failed .*shut down"):
+            writer.result()
+        assert time.monotonic() - started < 2.0

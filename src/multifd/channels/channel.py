@@ -20,6 +20,7 @@ from types import TracebackType
 
 from .errors import ChannelEOFError, ChannelError, ChannelTimeoutError, os_error_text
 from .tls import describe_ssl_error
+from .tls_session import TLSSession
 
 # Anything the buffer protocol accepts: bytes, bytearray, memoryview, numpy arrays…
 Buffer = bytes | bytearray | memoryview
@@ -82,7 +83,9 @@ class Channel:
         self.exit_status: int | None = None  # exec: the command's exit status once closed
         self._sock = stream if isinstance(stream, socket.socket) else None
         self._fd = stream.fileno() if isinstance(stream, socket.socket) else stream
-        self._tls = isinstance(stream, ssl.SSLSocket)
+        # With return-path one thread reads the main channel while another writes
+        # it: under TLS that needs TLSSession (OpenSSL takes one call at a time).
+        self._session = TLSSession(stream) if isinstance(stream, ssl.SSLSocket) else None
         self._process = process
         # Bytes already taken off the stream (the listener reads the first four to
         # tell channels apart) that the next reads return first. MSG_PEEK cannot do
@@ -101,7 +104,7 @@ class Channel:
                 self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, UNIX_SNDBUF)
 
     def __repr__(self) -> str:
-        kind = "tls" if self._tls else "socket" if self._sock is not None else "fd"
+        kind = "tls" if self._session is not None else "socket" if self._sock is not None else "fd"
         state = " closed" if self._closed else ""
         return (
             f"<Channel {self.name!r} {kind}{state} read={self.bytes_read} "
@@ -118,9 +121,8 @@ class Channel:
     @timeout.setter
     def timeout(self, value: float | None) -> None:
         self._timeout = value
-        if self._tls:
-            assert self._sock is not None
-            self._sock.settimeout(value)
+        if self._session is not None:
+            self._session.timeout = value
         elif self._sock is not None:
             # A blocking socket whose kernel timeouts bound each call: one
             # sendmsg or MSG_WAITALL recvmsg moves a whole packet, where Python's
@@ -144,7 +146,7 @@ class Channel:
 
     @property
     def is_tls(self) -> bool:
-        return self._tls
+        return self._session is not None
 
     @property
     def closed(self) -> bool:
@@ -152,8 +154,8 @@ class Channel:
 
     def peer_certificate(self) -> dict[str, object] | None:
         """The peer's TLS certificate as `ssl.SSLSocket.getpeercert()` decodes it."""
-        if isinstance(self._sock, ssl.SSLSocket):
-            return self._sock.getpeercert()
+        if self._session is not None:
+            return self._session.getpeercert()
         return None
 
     # ---- reading ---------------------------------------------------------------
@@ -188,6 +190,8 @@ class Channel:
         try:
             if self._sock is None:
                 n = self._fd_io(os.readv, [view], select.POLLIN)
+            elif self._session is not None:
+                n = self._session.recv_into(view)
             else:
                 n = self._sock.recv_into(view, len(view))
         except (TimeoutError, BlockingIOError):
@@ -261,10 +265,11 @@ class Channel:
         try:
             if self._sock is None:
                 return self._fd_io(os.readv, views, select.POLLIN)
-            if self._tls or len(views) == 1:
+            if self._session is not None:
                 # SSLSocket has no recvmsg_into: TLS decrypts one buffer at a time.
-                flags = 0 if self._tls else socket.MSG_WAITALL
-                return self._sock.recv_into(views[0], len(views[0]), flags)
+                return self._session.recv_into(views[0])
+            if len(views) == 1:
+                return self._sock.recv_into(views[0], len(views[0]), socket.MSG_WAITALL)
             # MSG_WAITALL: one system call fills the whole list when data is flowing.
             return self._sock.recvmsg_into(views[:IOV_MAX], 0, socket.MSG_WAITALL)[0]
         except (TimeoutError, BlockingIOError):
@@ -301,9 +306,9 @@ class Channel:
         try:
             if self._sock is None:
                 return self._fd_io(os.writev, views, select.POLLOUT)
-            if self._tls:
+            if self._session is not None:
                 # SSLSocket has no sendmsg; each buffer becomes TLS records of its own.
-                return self._sock.send(views[0])
+                return self._session.send(views[0])
             return self._sock.sendmsg(views[:IOV_MAX])
         except (TimeoutError, BlockingIOError):
             raise ChannelTimeoutError(

@@ -26,6 +26,9 @@ _UNKNOWN_CA_CODES = {
     21,  # unable to verify the first certificate
 }
 _HOSTNAME_MISMATCH = 62
+# A TLS 1.2 renegotiation would let a write read from the socket, under the feet
+# of a thread waiting to read (see TLSSession); QEMU never renegotiates.
+_NO_RENEGOTIATION = ssl.OP_NO_RENEGOTIATION
 _IP_MISMATCH = 64
 
 # RFC 4514 attribute names, as QEMU's authz lists (gnutls) spell subjects.
@@ -67,6 +70,7 @@ class TLSConfig:
         """The destination's context: our certificate, and client certificates required."""
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         context.minimum_version = ssl.TLSVersion.TLSv1_2
+        context.options |= _NO_RENEGOTIATION
         self._load(context, SERVER_CERT, SERVER_KEY, required=True)
         context.verify_mode = ssl.CERT_REQUIRED
         return context
@@ -76,6 +80,7 @@ class TLSConfig:
         our certificate sent if the directory has one."""
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         context.minimum_version = ssl.TLSVersion.TLSv1_2
+        context.options |= _NO_RENEGOTIATION
         self._load(context, CLIENT_CERT, CLIENT_KEY, required=False)
         return context
 
