@@ -392,3 +392,27 @@ def test_shutdown_ends_a_blocked_tls_read_and_write(
         with pytest.raises(ChannelError, match=r"main channel: write failed .*shut down"):
             writer.result()
         assert time.monotonic() - started < 2.0
+
+
+def test_silent_peers_in_a_tls_handshake_make_room_for_a_source(
+    listen: Callable[..., Listener],
+    server: TLSConfig,
+    client: TLSConfig,
+    raw_connect: Callable[..., socket.socket],
+) -> None:
+    """At the cap the oldest silent TLS handshake ends at once (its thread is
+    waiting for a ClientHello), not after the handshake timeout."""
+    listener = listen("tcp:127.0.0.1:0", tls=server, handshake_timeout=60, max_handshakes=2)
+    silent = [raw_connect(listener.uri) for _ in range(5)]
+    for sock in silent[:3]:
+        assert sock.recv(1) == b""
+    assert len(listener.refusals) == 3
+    for sock, refusal in zip(silent, listener.refusals, strict=False):
+        assert refusal.startswith(
+            f"incoming connection #{silent.index(sock) + 1} from 127.0.0.1:"
+            f"{sock.getsockname()[1]}: 2 handshakes pending, the most at once: closed to "
+            "make room for a new connection (the oldest silent one, after "
+        ), refusal
+    with connect_channels(listener.uri, header=HEADER, tls=client), listener.wait(10) as dest:
+        assert dest.main.read_exact(len(HEADER)) == HEADER
+    assert len(listener.refusals) == 4  # the source's connection made room too

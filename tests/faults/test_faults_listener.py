@@ -20,6 +20,7 @@ import pytest
 from e2e_support import FINISH_TIMEOUT, Migration, wait_until
 
 from multifd.channels import Listener
+from multifd.channels.listener import MAX_PENDING_HANDSHAKES
 from multifd.wire import MultiFDInit
 
 MiB = 1 << 20
@@ -275,3 +276,110 @@ def test_a_source_with_another_uuid_fails_within_the_io_timeout(
     assert dst["total-time"] < (IO_TIMEOUT + 5) * 1000, dst
     m.source.uuid = bytes(16)
     m.assert_completed()
+
+
+class HandshakeThreads:
+    """Counts the listener's handshake threads alive, every millisecond, in a
+    thread the test owns, and keeps the most seen at once."""
+
+    def __init__(self) -> None:
+        self.most = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="test-handshake-count")
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.001):
+            alive = sum(t.name.startswith("multifd-handshake-") for t in threading.enumerate())
+            self.most = max(self.most, alive)
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._thread.join()
+        return self.most
+
+
+EVICTED = "handshakes pending, the most at once: closed to make room for a new connection"
+
+
+def test_a_flood_of_silent_peers_holds_at_most_the_cap_then_a_source_completes(
+    migration: Callable[..., Migration],
+    hostile: Callable[[str], Hostile],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """300 peers connect and say nothing: at most MAX_PENDING_HANDSHAKES of them
+    hold a thread; each older one is closed, with one warning, as newer ones
+    arrive. The real source then evicts silent peers in turn, and completes
+    without waiting for any handshake to time out."""
+    caplog.set_level(logging.WARNING, logger=LISTENER_LOG)
+    m = migration(
+        sizes=(8 * MiB,),
+        parameters={"multifd-channels": CHANNELS},
+        dst_parameters={"x-io-timeout": IO_TIMEOUT},
+    )
+    m.uri = m.destination.incoming(m.listen_uri)
+    h = hostile(m.uri)
+    counter = HandshakeThreads()
+    try:
+        silent = h.hold_open(300)
+        evicted, kept = silent[:-MAX_PENDING_HANDSHAKES], silent[-MAX_PENDING_HANDSHAKES:]
+        # The oldest go first: each is closed as soon as the cap is reached.
+        assert_closed_by_listener(evicted)
+    finally:
+        most = counter.stop()
+    assert most <= MAX_PENDING_HANDSHAKES, f"{most} handshake threads at once"
+    logged = refusals(caplog)
+    assert len(logged) == len(evicted), logged[-3:]
+    for sock, message in zip(evicted, logged, strict=True):
+        assert f"from 127.0.0.1:{sock.getsockname()[1]}: " in message, message
+        assert f"{MAX_PENDING_HANDSHAKES} {EVICTED} (the oldest silent one" in message
+    assert m.destination.query()["status"] == "setup"
+
+    started = time.monotonic()
+    m.assert_completed(listen=False)
+    assert time.monotonic() - started < IO_TIMEOUT, "the source waited for the silent peers"
+    # Silent peers made room for the source's first connections (later ones may
+    # find the room its placed channels left).
+    assert len(evicted) < len(refusals(caplog)) <= len(evicted) + 1 + CHANNELS
+    assert all(EVICTED in message for message in refusals(caplog))
+    assert_closed_by_listener(kept)
+    m.close()
+    assert_port_free(m.uri)
+
+
+def test_a_source_wins_against_a_running_flood_of_silent_peers(
+    migration: Callable[..., Migration],
+    hostile: Callable[[str], Hostile],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Silent peers keep arriving while the source connects: the source's
+    channels have their first bytes waiting, so the silent ones make room."""
+    caplog.set_level(logging.WARNING, logger=LISTENER_LOG)
+    m = migration(
+        sizes=(8 * MiB,),
+        parameters={"multifd-channels": CHANNELS},
+        dst_parameters={"x-io-timeout": IO_TIMEOUT},
+    )
+    m.uri = m.destination.incoming(m.listen_uri)
+    h = hostile(m.uri)
+    h.hold_open(MAX_PENDING_HANDSHAKES)  # the listener is at its cap from the start
+    stop = threading.Event()
+    flooded: list[socket.socket] = []
+
+    def flood() -> None:
+        while not stop.is_set() and len(flooded) < 1000:
+            flooded.extend(h.hold_open(1))
+
+    flooder = threading.Thread(target=flood, name="test-flood")
+    flooder.start()
+    try:
+        wait_until(lambda: len(flooded) > 20, what="the flood to start")
+        m.assert_completed(listen=False)
+    finally:
+        stop.set()
+        flooder.join()
+    assert m.destination._listener is None or not m.destination._listener.mismatches
+    logged = refusals(caplog)
+    assert logged and all(EVICTED in message for message in logged), logged[:3]
+    m.close()
+    assert_port_free(m.uri)

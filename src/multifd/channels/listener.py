@@ -7,11 +7,13 @@ import contextlib
 import errno
 import logging
 import os
+import select
 import selectors
 import socket
 import struct
 import threading
 import time
+from dataclasses import dataclass
 from types import TracebackType
 
 from multifd.wire import INIT_SIZE, MULTIFD_MAGIC, QEMU_VM_FILE_MAGIC, MultiFDInit, WireError
@@ -31,6 +33,10 @@ from .uri import MigrationURI, TcpURI, UnixURI, parse_uri
 log = logging.getLogger(__name__)
 
 HANDSHAKE_TIMEOUT = 10.0
+# Connections in handshake at once, each with its thread and descriptor. Past it
+# the oldest silent one makes room (see _make_room); at least twice a source's
+# channels, so that a source never evicts its own.
+MAX_PENDING_HANDSHAKES = 64
 
 _EXTRA = "Extra incoming migration connection; ignoring"
 _MAIN_MAGIC = struct.pack(">I", QEMU_VM_FILE_MAGIC)
@@ -48,6 +54,19 @@ class _Mismatch(_Refused):
     ours): its pages would be lost, so the migration must fail."""
 
 
+@dataclass
+class _Pending:
+    """A connection in handshake: its socket (the TLS one once wrapped), its
+    descriptor (the TLS socket takes the same one over), what the log calls it,
+    when it was accepted, and the thread doing its handshake."""
+
+    sock: socket.socket
+    fd: int
+    label: str
+    since: float
+    thread: threading.Thread
+
+
 class Listener:
     """Gathers a migration's incoming channels on `uri`.
 
@@ -59,6 +78,14 @@ class Listener:
     checked (version, `uuid`, id below `channels`) and places the channel by id.
     Refused connections are closed, logged and described in `refusals`; a
     refusal never disturbs the channels already placed.
+
+    At most `max_handshakes` connections are in handshake at once (threads and
+    descriptors stay bounded whatever a flood of silent peers does). A new
+    connection beyond that evicts the oldest one with nothing waiting to be read,
+    rather than being refused itself: refusing the newest would let a few dozen
+    silent peers, renewed every `handshake_timeout`, lock the real source out for
+    good, while a source's channel sends its first bytes on connecting and is
+    done within milliseconds, long before it would become the oldest silent one.
 
     For fd:, exec: and file: there is nothing to accept: the main channel is opened
     at once, and `channels` must be 0.
@@ -76,6 +103,7 @@ class Listener:
         uuid: bytes = bytes(16),
         tls: TLSConfig | None = None,
         handshake_timeout: float = HANDSHAKE_TIMEOUT,
+        max_handshakes: int = MAX_PENDING_HANDSHAKES,
     ) -> None:
         target = parse_uri(uri)
         check_setup(target, channels, uuid, tls)
@@ -85,6 +113,7 @@ class Listener:
         self._tls = tls
         self._context = tls.server_context() if tls is not None else None
         self._handshake_timeout = handshake_timeout
+        self._max_handshakes = max(max_handshakes, 2 * (channels + 1))
 
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
@@ -93,7 +122,9 @@ class Listener:
         self._refusals: list[str] = []
         self._mismatches: list[str] = []
         self._failure: ChannelError | None = None
-        self._pending: dict[int, socket.socket] = {}  # in handshake, by connection number
+        # In handshake, by connection number: oldest first.
+        self._pending: dict[int, _Pending] = {}
+        self._evicted: set[int] = set()  # handshakes told to end, not yet ended
         self._handshakes: list[threading.Thread] = []
         self._closed = False
         self._handed_over = False
@@ -214,7 +245,7 @@ class Listener:
             if self._closed:
                 return
             self._closed = True
-            pending = list(self._pending.values())
+            pending = [p.sock for p in self._pending.values()]
             owned = [] if self._handed_over else [self._main, *self._multifd]
             self._changed.notify_all()
         if self._wake_writer is not None:
@@ -287,6 +318,11 @@ class Listener:
             # A peer that already reset the connection is its handshake's business.
             with contextlib.suppress(OSError):
                 conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        evicted = self._make_room()
+        if evicted is not None:
+            # Joined before the next thread starts: never more handshake threads
+            # than the cap. Its socket is shut down, so it ends at once.
+            evicted.join()
         with self._lock:
             self._reap_handshakes()
             if self._closed:  # close() has already ended the handshakes it knew of
@@ -300,7 +336,7 @@ class Listener:
                 args=(number, conn, label, extra),
                 name=f"multifd-handshake-{number}",
             )
-            self._pending[number] = conn
+            self._pending[number] = _Pending(conn, conn.fileno(), label, time.monotonic(), thread)
             self._handshakes.append(thread)
         try:
             thread.start()
@@ -310,6 +346,28 @@ class Listener:
                 self._handshakes.remove(thread)
                 self._refuse_locked(label, f"cannot start its handshake: {exc}")
             conn.close()
+
+    def _make_room(self) -> threading.Thread | None:
+        """At the cap, end the oldest handshake with nothing waiting to be read
+        (or else the oldest) and return its thread to join."""
+        with self._lock:
+            if len(self._pending) < self._max_handshakes:
+                return None
+            number = _oldest_silent(self._pending)
+            silent = number is not None
+            if number is None:
+                number = next(iter(self._pending))
+            pending = self._pending.pop(number)
+            self._evicted.add(number)
+            age = time.monotonic() - pending.since
+            what = "the oldest silent one" if silent else "the oldest"
+            self._refuse_locked(
+                pending.label,
+                f"{len(self._pending) + 1} handshakes pending, the most at once: closed "
+                f"to make room for a new connection ({what}, after {age:.2f} s); ignoring",
+            )
+        _shutdown(pending.sock)
+        return pending.thread
 
     def _reap_handshakes(self) -> None:
         """Join the handshake threads that have finished (joining them is instant)."""
@@ -386,17 +444,23 @@ class Listener:
         """The TLS socket takes over the plain one's descriptor (which it detaches):
         close() must find and shut down the new one."""
         with self._lock:
-            self._pending[number] = sock
-            closed = self._closed
-        if closed:
+            pending = self._pending.get(number)
+            if pending is not None:
+                pending.sock = sock
+            # Evicted (or closed) while wrapping: the plain socket it shut down
+            # no longer owns the descriptor.
+            ended = self._closed or pending is None
+        if ended:
             _shutdown(sock)
 
     def _place(self, number: int, channel: Channel, channel_id: int | None, label: str) -> None:
         with self._lock:
             self._pending.pop(number, None)
             refusal = None
-            if self._closed:
-                pass
+            if self._closed or number in self._evicted:
+                # Its socket was shut down under it: closing says so already,
+                # eviction was logged when it happened.
+                self._evicted.discard(number)
             elif channel_id is None:
                 if self._main is None:
                     self._main, channel.name = channel, "main channel"
@@ -428,7 +492,10 @@ class Listener:
         and only then close, so a peer that sees its connection end finds the reason."""
         with self._lock:
             self._pending.pop(number, None)
-            if not self._closed:
+            if number in self._evicted:
+                # The failure is the eviction's doing; it was logged then.
+                self._evicted.discard(number)
+            elif not self._closed:
                 self._refuse_locked(label, reason, mismatch=mismatch)
         stream.close()
 
@@ -456,6 +523,17 @@ class Listener:
         if self._refusals:
             text += f"; {len(self._refusals)} connection(s) refused, the last: {self._refusals[-1]}"
         return text
+
+
+def _oldest_silent(pending: dict[int, _Pending]) -> int | None:
+    """The number of the oldest connection with no bytes waiting to be read
+    (POLLIN also means the peer hung up: that handshake ends by itself).
+    Every descriptor is open: a handshake leaves `pending` before it closes."""
+    poller = select.poll()
+    for entry in pending.values():
+        poller.register(entry.fd, select.POLLIN)
+    waiting = {fd for fd, _ in poller.poll(0)}
+    return next((n for n, entry in pending.items() if entry.fd not in waiting), None)
 
 
 def _remaining(deadline: float) -> float:
