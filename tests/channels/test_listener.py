@@ -4,6 +4,7 @@ connection is refused with its own message and leaves the accepted ones alone.""
 from __future__ import annotations
 
 import contextlib
+import logging
 import random
 import select
 import socket
@@ -387,3 +388,23 @@ def test_header_magic_stays_in_the_main_stream(
     with listener.wait(10) as destination:
         assert destination.main.bytes_read == 0
         assert destination.main.read_exact(4) == b"QEVM"
+
+
+def test_a_refusal_prints_nothing_where_logging_is_not_configured(
+    listen: Callable[..., Listener],
+    raw_connect: Connect,
+    capfd: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A program that imports the library and configures no logging: the warning
+    for a refused connection must not reach its stderr through Python's
+    last-resort handler (the package has a NullHandler)."""
+    # As in a plain program: no handler anywhere (pytest puts its own on the root).
+    monkeypatch.setattr(logging.getLogger(), "handlers", [])
+    listener = listen("tcp:127.0.0.1:0")
+    sock = raw_connect(listener.uri)
+    sock.sendall(b"junk")
+    wait_closed_by_listener(sock)
+    assert listener.refusals and "unknown channel magic 0x6a756e6b" in listener.refusals[0]
+    out, err = capfd.readouterr()
+    assert (out, err) == ("", "")
