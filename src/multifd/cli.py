@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import signal
 import sys
 from collections.abc import Callable
@@ -331,9 +332,43 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to `sys.stderr` as it is at each record: rich's live progress
+    replaces it while it runs, and shows what is written there above its table."""
+
+    def __init__(self) -> None:
+        logging.Handler.__init__(self)
+
+    @property
+    def stream(self) -> Any:  # type: ignore[override]
+        return sys.stderr
+
+
+class _CommandFormatter(logging.Formatter):
+    """ "multifd incoming: warning: …", as the command's own messages read."""
+
+    def __init__(self, command: str) -> None:
+        super().__init__()
+        self._command = command
+
+    def format(self, record: logging.LogRecord) -> str:
+        return f"{self._command}: {record.levelname.lower()}: {super().format(record)}"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    # The library only has a NullHandler: the command shows its warnings (a
+    # refused incoming connection, a listener failure) on stderr itself. Removed
+    # on return, so that calling main() in a process leaves its logging as it was.
+    handler = _StderrHandler()
+    handler.setLevel(logging.WARNING)
+    handler.setFormatter(_CommandFormatter(f"multifd {args.command}"))
+    logger = logging.getLogger("multifd")
+    logger.addHandler(handler)
+    try:
+        return args.func(args)
+    finally:
+        logger.removeHandler(handler)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ import queue
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -300,3 +301,26 @@ def test_usage_errors(daemon: DaemonFactory, args: list[str], message: str) -> N
     proc = daemon(*args)
     assert proc.wait() == 2
     assert message in proc.stderr
+
+
+def test_the_daemon_shows_a_refused_connection(daemon: DaemonFactory, sock_dir: Path) -> None:
+    """The library logs a refusal as a warning and has no handler of its own:
+    the command shows it on stderr, as its own messages read."""
+    path = sock_dir / "migration.sock"
+    incoming = daemon("incoming", f"unix:{path}", "--block", "pc.ram=4M", label="dst")
+    incoming.wait_for_path(path)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as junk:
+        junk.settimeout(TIMEOUT)
+        junk.connect(str(path))
+        junk.sendall(b"junk")
+        assert junk.recv(1) == b""  # refused: the warning is written before the close
+    expected = (
+        f"multifd incoming: warning: incoming connection #1 on unix:{path}: "
+        "unknown channel magic 0x6a756e6b"
+    )
+    deadline = time.monotonic() + TIMEOUT
+    while expected not in incoming.stderr:
+        assert time.monotonic() < deadline, incoming.stderr
+        time.sleep(0.02)
+    assert incoming.stderr.count("warning:") == 1, incoming.stderr
+    incoming.kill()
