@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 
 from ..channels import (
-    ChannelError,
     HANDSHAKE_TIMEOUT,
+    ChannelError,
     ChannelTimeoutError,
     Connections,
     Listener,
