@@ -81,3 +81,25 @@ def test_closing_after_the_block_is_gone_is_fine(make_block: BlockMaker) -> None
     tracker.start()
     block.close()
     tracker.close()
+
+
+@pytest.mark.parametrize("kind", ["anonymous", "memfd"])
+def test_lazy_start_tracks_each_range_once_covered(make_block: BlockMaker, kind: str) -> None:
+    """After start(lazy=True) a range is tracked from its cover() on: a write
+    before that is not reported (the round reads the page afterwards), one after
+    it is; whatever no cover() reached counts as written at the next collect,
+    and from then on the whole block is tracked."""
+    block = make_block(kind, MiB)  # 256 pages
+    with KernelTracker(block) as tracker:
+        tracker.start(lazy=True)
+        write_pages(block, [3, 200])  # before any cover: the round will read them
+        tracker.cover(0, 100)
+        write_pages(block, [5, 99])  # covered: tracked
+        tracker.cover(50, 100)  # overlapping and out of order: extends to page 150
+        write_pages(block, [120])
+        first = tracker.collect().indices()
+        assert first.tolist() == [5, 99, 120, *range(150, block.pages)]
+        write_pages(block, [7, 250])
+        assert tracker.collect().indices().tolist() == [7, 250]
+        tracker.cover(0, block.pages)  # nothing left to do
+        assert tracker.collect().indices().tolist() == []

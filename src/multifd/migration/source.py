@@ -352,7 +352,9 @@ class MigrationSource(Endpoint):
             tracker = choose_tracker(block, preference)
             trackers.append(tracker)
             self._tracker_names[block.name] = tracker.name
-            tracker.start()
+            # Lazy: the first round covers each range just before reading it, so
+            # the kernel tracker's setup (mapping in, protecting) overlaps the sending.
+            tracker.start(lazy=True)
         self.ram.dirty_sync_count = 1
         self._pass_event()
 
@@ -387,7 +389,7 @@ class MigrationSource(Endpoint):
             pages_before = self.ram.normal + self.ram.duplicate
             self.ram.remaining = sum(len(d) for d in dirty) * TARGET_PAGE_SIZE
             self._main.write(SectionPart(self._ram_section_id).pack())
-            self._send_pages(settings, dirty, started)
+            self._send_pages(settings, trackers, dirty, started)
             sync_started = time.monotonic()
             self._end_section()
             sync_seconds = time.monotonic() - sync_started
@@ -454,7 +456,7 @@ class MigrationSource(Endpoint):
         self._pass_event()
         sent_before = self._bytes_sent()
         self._main.write(SectionPart(self._ram_section_id, end=True).pack())
-        self._send_pages(settings, dirty, None)
+        self._send_pages(settings, trackers, dirty, None)
         self._end_section()
         vmdesc: list[dict] = []
         if settings.capability("x-verify"):
@@ -519,17 +521,21 @@ class MigrationSource(Endpoint):
         multifd = sum(c.bytes for c in self._sender.stats) if self._sender else 0
         return self._main.bytes_written + multifd
 
-    def _send_pages(self, settings: MigrationSettings, dirty: list, started: float | None) -> None:
+    def _send_pages(
+        self, settings: MigrationSettings, trackers: list, dirty: list, started: float | None
+    ) -> None:
         """One round: zero pages as ZERO records on main, the others in packets
         (or PAGE records on main without multifd)."""
         max_bandwidth = settings.parameter("max-bandwidth") if started is not None else 0
         sent_before = self._bytes_queued()
-        for block, pages in zip(self.blocks, dirty, strict=True):
+        for block, tracker, pages in zip(self.blocks, trackers, dirty, strict=True):
             buffer = block.buffer
             for first in range(0, len(pages), CHUNK_PAGES):
                 if self._cancel.is_set() or self.state.error is not None:
                     raise MigrationAborted
                 chunk = pages[first : first + CHUNK_PAGES]
+                low = int(chunk[0])
+                tracker.cover(low, int(chunk[-1]) - low + 1)
                 zero = zero_mask(block, chunk)
                 zeros, normal = chunk[zero], chunk[~zero]
                 if len(zeros):

@@ -29,13 +29,20 @@ class DirtyTracker(Protocol):
     `start()` begins tracking (every page counts as clean from then on);
     `collect()` returns the pages written since the last `start()` or `collect()`
     and, in the same step, makes them clean again.
+
+    `start(lazy=True)` lets a tracker defer its setup to `cover(first, count)`,
+    which the first round calls, in page order, before it reads each range: the
+    setup's cost then overlaps the sending instead of delaying its start. A page
+    not yet covered when `collect()` runs counts as written.
     """
 
     name: str  # "kernel", "hash" or "explicit"
     block: RAMBlock
     fallback_reason: str | None  # why a better tracker was not used, if one was not
 
-    def start(self) -> None: ...
+    def start(self, *, lazy: bool = False) -> None: ...
+
+    def cover(self, first: int, count: int) -> None: ...
 
     def collect(self) -> DirtyBitmap: ...
 
@@ -60,13 +67,25 @@ class TrackerBase(ABC):
         self._marks: MarkLog | None = None
         self._closed = False
 
-    def start(self) -> None:
+    def start(self, *, lazy: bool = False) -> None:
         if self._closed:
             raise ValueError(f"{self}: start() after close()")
         if self._marks is None:
             self._marks = self.block.mark_log()
         else:
             self._marks.take()  # earlier marks are part of what start() forgets
+        if lazy:
+            self._start_lazily()
+        else:
+            self._start()
+
+    def cover(self, first: int, count: int) -> None:
+        """Pages [first, first+count) are about to be read: track them from now
+        on if a lazy start has not yet. Trackers without deferred setup have
+        nothing to do."""
+        return None
+
+    def _start_lazily(self) -> None:
         self._start()
 
     def collect(self) -> DirtyBitmap:

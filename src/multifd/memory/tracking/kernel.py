@@ -70,18 +70,12 @@ def _page_span(start: int, length: int) -> tuple[int, int]:
     return base, end
 
 
-def _new_registered_uffd(block: RAMBlock) -> int:
-    """A userfaultfd of this process with `block` registered for write-protection."""
-    # The kernel does no fault-around in a range registered for uffd-wp: the
-    # first round's reads would fault page by page (about 0.5 s per GiB, far
-    # more with the send threads running). Mapped in now, they cost one madvise.
-    block.populate()
+def _new_uffd(block: RAMBlock) -> int:
+    """A userfaultfd of this process, set up for asynchronous write-protection."""
     try:
         fd = _linux.userfaultfd(_linux.O_CLOEXEC | _linux.O_NONBLOCK | _linux.UFFD_USER_MODE_ONLY)
     except OSError as exc:
         raise _explain(block.name, "userfaultfd", exc) from None
-    base, end = _page_span(block.address, block.used_length)
-    operation = "UFFDIO_API"
     try:
         features = _supported_features()
         if features & _FEATURES_NEEDED != _FEATURES_NEEDED:
@@ -90,17 +84,39 @@ def _new_registered_uffd(block: RAMBlock) -> int:
             )
         api = _linux.UffdioApi(api=_linux.UFFD_API, features=features & _FEATURES_WANTED)
         _linux.ioctl(fd, _linux.UFFDIO_API, api)
-        operation = "UFFDIO_REGISTER"
-        register = _linux.UffdioRegister(
-            range=_linux.UffdioRange(start=base, len=end - base),
-            mode=_linux.UFFDIO_REGISTER_MODE_WP,
-        )
+    except OSError as exc:
+        os.close(fd)
+        raise _explain(block.name, "UFFDIO_API", exc) from None
+    return fd
+
+
+def _register(fd: int, block: RAMBlock, base: int, end: int) -> None:
+    """Register [base, end) of `block`'s mapping for write-protection, mapping its
+    pages in first: the kernel does no fault-around in a range registered for
+    uffd-wp, so the first round's reads would fault page by page (about 0.5 s
+    per GiB, far more with the send threads running); one madvise is cheaper."""
+    start = max(base - block.address, 0)
+    block.populate(start, end - block.address - start)
+    register = _linux.UffdioRegister(
+        range=_linux.UffdioRange(start=base, len=end - base),
+        mode=_linux.UFFDIO_REGISTER_MODE_WP,
+    )
+    try:
         _linux.ioctl(fd, _linux.UFFDIO_REGISTER, register)
         if not register.ioctls & _linux.UFFDIO_WRITEPROTECT_IOCTL_BIT:
             raise OSError(errno.EOPNOTSUPP, "UFFDIO_WRITEPROTECT not offered for this memory")
     except OSError as exc:
+        raise _explain(block.name, "UFFDIO_REGISTER", exc) from None
+
+
+def _new_registered_uffd(block: RAMBlock) -> int:
+    """A userfaultfd of this process with `block` registered for write-protection."""
+    fd = _new_uffd(block)
+    try:
+        _register(fd, block, *_page_span(block.address, block.used_length))
+    except OSError:
         os.close(fd)
-        raise _explain(block.name, operation, exc) from None
+        raise
     return fd
 
 
@@ -140,9 +156,16 @@ class KernelTracker(TrackerBase):
         # An unaligned block straddles pages: its page i lies in real pages i and i+1.
         self._straddles = address != self._base
         self._regions = np.empty((_REGIONS_PER_SCAN, 3), dtype=np.uint64)
+        # Addresses from here to _end are not registered yet (a local tracker
+        # registers when started, or range by range after a lazy start).
+        self._registered_to = self._end if _remote else self._base
+        self._covered_to = self._end  # below it, pages are tracked since start()
         try:
             if _remote is None:
-                self._uffd = _new_registered_uffd(block)
+                # Registering fails at once where the memory cannot be tracked
+                # (that is when the caller falls back); one page is enough to know.
+                self._uffd = _new_uffd(block)
+                self._extend_to(min(self._base + PAGE_SIZE, self._end))
             else:
                 self._uffd = _remote.uffd  # owned from here on, even if the rest fails
                 self._pidfd = os.pidfd_open(_remote.pid)
@@ -206,9 +229,34 @@ class KernelTracker(TrackerBase):
         )
 
     def _start(self) -> None:
+        self._extend_to(self._end)
+        self._protect(self._base, self._end)
+        self._covered_to = self._end
+
+    def _start_lazily(self) -> None:
+        # Nothing is protected yet: each range as the first round reaches it.
+        self._covered_to = self._base
+
+    def cover(self, first: int, count: int) -> None:
+        end = min(self._base + (first + count + self._straddles) * PAGE_SIZE, self._end)
+        if end > self._covered_to:
+            self._extend_to(end)
+            self._protect(self._covered_to, end)
+            self._covered_to = end
+
+    def _extend_to(self, end: int) -> None:
+        """Register the mapping up to `end` (a lazy start's later ranges)."""
+        if end > self._registered_to:
+            assert self._uffd is not None
+            _register(self._uffd, self.block, self._registered_to, end)
+            self._registered_to = end
+
+    def _protect(self, base: int, end: int) -> None:
+        if end <= base:
+            return
         assert self._uffd is not None
         protect = _linux.UffdioWriteprotect(
-            range=_linux.UffdioRange(start=self._base, len=self._end - self._base),
+            range=_linux.UffdioRange(start=base, len=end - base),
             mode=_linux.UFFDIO_WRITEPROTECT_MODE_WP,
         )
         try:
@@ -219,6 +267,18 @@ class KernelTracker(TrackerBase):
     def _collect(self) -> DirtyBitmap:
         assert self._pagemap is not None
         written = DirtyBitmap((self._end - self._base) // PAGE_SIZE)
+        uncovered = self._covered_to
+        if uncovered < self._end:
+            # Never tracked so far: count as written, and track from now on.
+            written.set_runs(
+                np.array([(uncovered - self._base) // PAGE_SIZE]),
+                np.array([(self._end - uncovered) // PAGE_SIZE]),
+            )
+            self._extend_to(self._end)
+            self._protect(uncovered, self._end)
+            self._covered_to = self._end
+        else:
+            uncovered = self._end
         arg = _linux.PmScanArg(
             size=ctypes.sizeof(_linux.PmScanArg),
             flags=_linux.PM_SCAN_WP_MATCHING | _linux.PM_SCAN_CHECK_WPASYNC,
@@ -228,8 +288,9 @@ class KernelTracker(TrackerBase):
             category_mask=_linux.PAGE_IS_WRITTEN,
             return_mask=_linux.PAGE_IS_WRITTEN,
         )
+        arg.end = uncovered
         cursor = self._base
-        while cursor < self._end:
+        while cursor < uncovered:
             arg.start = cursor
             try:
                 count = _linux.ioctl(self._pagemap, _linux.PAGEMAP_SCAN, arg)
