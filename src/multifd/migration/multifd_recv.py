@@ -46,6 +46,10 @@ class _RecvChannel:
         # Every header lands in the same buffer: no allocation per packet.
         self.header = bytearray(PACKET_HEADER_SIZE)
         self.header_view = memoryview(self.header)
+        # The next header came with the last packet's pages (see `_pages`), or
+        # the stream ended right after them.
+        self.header_ready = False
+        self.ended_after_pages = False
 
 
 class MultifdReceiver:
@@ -179,23 +183,32 @@ class MultifdReceiver:
 
     def _receive_one(self, rc: _RecvChannel) -> bool:
         channel = rc.channel
-        where = Where(channel=rc.stats.id, packet=rc.stats.packets, offset=channel.bytes_read)
         header = rc.header
-        try:
-            channel.readv_into([rc.header_view])
-        except ChannelEOFError as exc:
-            if exc.missing != exc.wanted:
-                raise
-            with self._cond:
-                rc.ended = True
-                self._cond.notify_all()
-            return False
+        if rc.header_ready:
+            start = channel.bytes_read - PACKET_HEADER_SIZE
+            rc.header_ready = False
+        else:
+            start = channel.bytes_read
+            try:
+                if not rc.ended_after_pages:
+                    channel.readv_into([rc.header_view])
+            except ChannelEOFError as exc:
+                if exc.missing != exc.wanted:
+                    raise
+                rc.ended_after_pages = True
+            if rc.ended_after_pages:  # the peer closed the stream at a packet boundary
+                with self._cond:
+                    rc.ended = True
+                    self._cond.notify_all()
+                return False
+        where = Where(channel=rc.stats.id, packet=rc.stats.packets, offset=start)
         started = time.perf_counter_ns()
         packet = MultiFDPacket.unpack(header, layout=self._layout, where=where)
         if packet.page_count:
             self._pages(rc, packet, where)
         rc.stats.packets += 1
-        rc.stats.bytes += channel.bytes_read - (where.offset or 0)
+        end = channel.bytes_read - (PACKET_HEADER_SIZE if rc.header_ready else 0)
+        rc.stats.bytes += end - start
         rc.stats.busy_ns += time.perf_counter_ns() - started
         if packet.is_sync:
             rc.stats.sync_packets += 1
@@ -219,6 +232,23 @@ class MultifdReceiver:
         if packet.normal_pages == PAGES_PER_PACKET:
             rc.tails.append((packet.packet_num, name, int(offsets[-1])))
 
+    @staticmethod
+    def _read_pages_and_next_header(rc: _RecvChannel, views: list[memoryview]) -> None:
+        """The pages, and in the same system call the next packet's header: the
+        Python work between two reads, not the copying, is what a fast peer
+        waits for (QEMU's default socket buffer holds less than a packet). A
+        source always follows a packet of pages with another packet (at least
+        the SYNC of the round) or closes the channel, so this never waits for
+        bytes that are not coming."""
+        try:
+            rc.channel.readv_into([*views, rc.header_view])
+        except ChannelEOFError as exc:
+            if exc.missing != PACKET_HEADER_SIZE:
+                raise  # pages or the next header cut short
+            rc.ended_after_pages = True  # the stream ended right after them
+            return
+        rc.header_ready = True
+
     def _pages(self, rc: _RecvChannel, packet: MultiFDPacket, where: Where) -> None:
         name, offsets = packet.check_pages(self._lengths, self._compression, where)
         array = self._blocks[name][1]
@@ -234,7 +264,7 @@ class MultifdReceiver:
                     ]
                 else:
                     views = [view[o : o + TARGET_PAGE_SIZE] for o in data_offsets.tolist()]
-                rc.channel.readv_into(views)
+                self._read_pages_and_next_header(rc, views)
             else:
                 payload = rc.channel.read_exact(packet.next_packet_size)
                 data = rc.decompressor.decompress(payload, normal * TARGET_PAGE_SIZE, where)

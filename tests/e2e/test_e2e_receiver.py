@@ -1,0 +1,111 @@
+"""The destination's receive threads on their own, fed bytes through a socket
+pair: a packet's pages and the next header arrive in one read, and a stream
+that ends after the pages, or inside the next header, is told apart."""
+
+from __future__ import annotations
+
+import socket
+import threading
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+
+from multifd.channels import Channel
+from multifd.migration.multifd_recv import MultifdReceiver
+from multifd.wire import PACKET_HEADER_SIZE, Compression, MultiFDPacket
+
+PAGE = 4096
+BLOCK_PAGES = 64
+
+
+def _packet(pages: list[int], num: int, fill: int) -> bytes:
+    offsets = np.array(pages, dtype=np.uint64) * PAGE
+    header = MultiFDPacket.for_pages(
+        "pc.ram", offsets, flags=0, packet_num=num, payload_size=len(pages) * PAGE
+    ).pack()
+    return header + bytes([fill]) * (len(pages) * PAGE)
+
+
+@pytest.fixture
+def receiver() -> Iterator[tuple[MultifdReceiver, socket.socket, np.ndarray, list[str]]]:
+    ours, theirs = socket.socketpair()
+    block = np.zeros(BLOCK_PAGES * PAGE, dtype=np.uint8)
+    errors: list[str] = []
+    rx = MultifdReceiver(
+        [Channel(ours, "channel 0", timeout=10)],
+        compression=Compression.NONE,
+        on_error=errors.append,
+    )
+    rx.set_blocks({"pc.ram": block})
+    rx.start()
+    try:
+        yield rx, theirs, block, errors
+    finally:
+        theirs.close()
+        rx.close()
+
+
+def _run_out(rx: MultifdReceiver) -> None:
+    thread = rx.channels[0].thread
+    assert thread is not None
+    thread.join(10)
+    assert not thread.is_alive()
+
+
+def test_pages_then_end_of_stream_is_a_clean_end(receiver) -> None:
+    rx, peer, block, errors = receiver
+    peer.sendall(_packet([1, 2, 5], 0, 0xAA) + _packet([7], 1, 0xBB))
+    peer.shutdown(socket.SHUT_WR)
+    _run_out(rx)
+    assert errors == []
+    channel = rx.channels[0]
+    assert channel.ended and channel.stats.packets == 2 and channel.stats.pages == 4
+    # Each packet counted with its own header, not the next one's.
+    assert channel.stats.bytes == 2 * PACKET_HEADER_SIZE + 4 * PAGE
+    rows = block.reshape(BLOCK_PAGES, PAGE)
+    assert (rows[[1, 2, 5]] == 0xAA).all() and (rows[7] == 0xBB).all()
+    assert not rows[[0, 3, 4, 6, 8]].any()
+
+
+def test_end_inside_the_next_header_names_packet_and_bytes(receiver) -> None:
+    rx, peer, _, errors = receiver
+    peer.sendall(_packet([3], 0, 0x11) + _packet([4], 1, 0x22)[:100])
+    peer.shutdown(socket.SHUT_WR)
+    _run_out(rx)
+    assert len(errors) == 1
+    assert errors[0].startswith("channel 0: packet 0: ")
+    assert f"{PACKET_HEADER_SIZE - 100} bytes short" in errors[0]
+
+
+def test_end_inside_the_pages_is_an_error(receiver) -> None:
+    rx, peer, _, errors = receiver
+    peer.sendall(_packet([3, 4], 0, 0x11)[: PACKET_HEADER_SIZE + PAGE + 10])
+    peer.shutdown(socket.SHUT_WR)
+    _run_out(rx)
+    assert len(errors) == 1 and errors[0].startswith("channel 0: packet 0: ")
+    assert "bytes short" in errors[0]
+
+
+def test_a_peer_that_pauses_between_packets_is_waited_for(receiver) -> None:
+    """The next header is read with the pages: a source that sends it later
+    (a rate limit, a round's end) must not make the pages wait."""
+    rx, peer, block, errors = receiver
+    first = _packet([9], 0, 0x33)
+    peer.sendall(first)
+    rows = block.reshape(BLOCK_PAGES, PAGE)
+    arrived = threading.Event()
+
+    def watch() -> None:
+        while not (rows[9] == 0x33).all():
+            pass
+        arrived.set()
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    # The pages are in memory before the next header exists.
+    assert arrived.wait(5)
+    peer.sendall(_packet([10], 1, 0x44))
+    peer.shutdown(socket.SHUT_WR)
+    _run_out(rx)
+    assert errors == [] and (rows[10] == 0x44).all()
