@@ -100,3 +100,14 @@ def test_same_endpoints_migrate_again(migration: Callable[..., Migration]) -> No
     m.assert_completed()
     assert m.uri == first_port
     assert m.statuses("source").count("completed") == 2
+
+
+def test_pages_are_spread_over_every_channel(migration: Callable[..., Migration]) -> None:
+    """Batches go to the least loaded channel, ties taken in turn: no channel
+    idles while another carries the migration."""
+    m = migration(sizes=(32 * MiB,), parameters={"multifd-channels": 4})
+    src, dst = m.assert_completed()
+    pages = [c["pages"] for c in src["x-multifd-channels"]]
+    assert sum(pages) == src["ram"]["normal"]
+    assert min(pages) >= sum(pages) // 8, pages  # a fair share is a quarter
+    assert [c["pages"] for c in dst["x-multifd-channels"]] == pages

@@ -110,6 +110,7 @@ class MultifdSender:
         self._layout = layout
         self._on_error = on_error
         self._packet_nums = itertools.count()
+        self._next = 0  # where the search for the least loaded channel starts
         # Bytes handed to the channels, header included (uncompressed size):
         # what the bandwidth limit counts, as QEMU counts a packet when queued.
         self.queued_bytes = 0
@@ -192,8 +193,14 @@ class MultifdSender:
         return [sc.stats for sc in self.channels]
 
     def _least_loaded(self) -> _SendChannel:
-        # Ties go to the lowest id; with equal channels this is round-robin.
-        return min(self.channels, key=lambda sc: sc.queued_pages)
+        # Ties go round-robin from the channel after the last one chosen, as
+        # QEMU's multifd_send_pages starts its search: with the lowest id
+        # winning, channel 0 carried most pages whenever channels kept up.
+        n = len(self.channels)
+        order = [self.channels[(self._next + step) % n] for step in range(n)]
+        chosen = min(order, key=lambda sc: sc.queued_pages)
+        self._next = (chosen.stats.id + 1) % n
+        return chosen
 
     def _wait(self, ready: Callable[[], bool]) -> None:
         """Wait on `_space` (lock held) until `ready`, or raise once aborted."""
