@@ -21,7 +21,10 @@ from multifd.memory import (
     TrackerBase,
     TrackerUnavailable,
     choose_tracker,
+    page_hashes,
+    verify_keys,
 )
+from multifd.memory.tracking import hashing
 
 TRACKERS = {"kernel": KernelTracker, "hash": HashTracker, "explicit": ExplicitTracker}
 CASES = [
@@ -244,3 +247,22 @@ def test_choose_tracker_can_be_forced(make_block: BlockMaker, preference: str) -
 def test_choose_tracker_rejects_unknown_names(make_block: BlockMaker) -> None:
     with pytest.raises(ValueError, match="unknown dirty tracker 'dirty-ring'; choose one of auto"):
         choose_tracker(make_block("anonymous", MiB), "dirty-ring")
+
+
+@pytest.mark.parametrize("threads", [2, 3, 4])
+def test_page_hashes_are_the_same_whatever_the_threads(
+    monkeypatch: pytest.MonkeyPatch, threads: int
+) -> None:
+    """The block is cut into parts hashed side by side; every page, the last
+    partial chunk included, gets the hash one thread gives it."""
+    block = RAMBlock.anonymous("hashed", 5 * 1024 * PAGE_SIZE + 3 * PAGE_SIZE)  # 5 chunks + 3 pages
+    try:
+        block.array[::4093] = np.arange(block.array[::4093].size, dtype=np.uint8)
+        keys = verify_keys(7)
+        monkeypatch.setattr(hashing, "_HASH_THREADS", 1)
+        alone = page_hashes(block, keys)
+        monkeypatch.setattr(hashing, "_HASH_THREADS", threads)
+        assert np.array_equal(page_hashes(block, keys), alone)
+        assert len(np.unique(alone)) > block.pages // 2  # the pages really differ
+    finally:
+        block.close()
