@@ -7,13 +7,15 @@ from __future__ import annotations
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+import pytest
 
+import leakcheck
 from multifd.channels import Channel
 from multifd.demo.workload import Workload, fill
 from multifd.memory import RAMBlock
@@ -265,3 +267,28 @@ class Migration:
 
 def _name(index: int) -> str:
     return "pc.ram" if index == 0 else f"block{index}"
+
+
+# The fixtures of tests/e2e and tests/faults, re-exported by both conftest.py.
+
+
+@pytest.fixture(autouse=True)
+def no_leaks() -> Iterator[None]:
+    """After every test: no thread and no file descriptor it started is left."""
+    with leakcheck.no_leaks():
+        yield
+
+
+@pytest.fixture
+def migration(tmp_path: Path) -> Iterator[Callable[..., Migration]]:
+    """Make `Migration`s; each is cancelled and closed at teardown."""
+    made: list[Migration] = []
+
+    def make(**options: Any) -> Migration:
+        m = Migration(tmp_path, **options)
+        made.append(m)
+        return m
+
+    yield make
+    for m in made:
+        m.close()

@@ -4,37 +4,11 @@ leak check after every test (threads, file descriptors) and a migration maker.""
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
-import pytest
-
-import leakcheck
-
-# The Migration helper and its checks are the end-to-end tests'; share, not copy.
+# The Migration helper, its checks and fixtures are the end-to-end tests'; share, not copy.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "e2e"))
 
-from e2e_support import Migration
+from e2e_support import migration, no_leaks
 
-
-@pytest.fixture(autouse=True)
-def no_leaks() -> Iterator[None]:
-    """After every test: no thread and no file descriptor it started is left."""
-    with leakcheck.no_leaks():
-        yield
-
-
-@pytest.fixture
-def migration(tmp_path: Path) -> Iterator[Callable[..., Migration]]:
-    """Make `Migration`s (see e2e_support); each is cancelled and closed at teardown."""
-    made: list[Migration] = []
-
-    def make(**options: Any) -> Migration:
-        m = Migration(tmp_path, **options)
-        made.append(m)
-        return m
-
-    yield make
-    for m in made:
-        m.close()
+__all__ = ["migration", "no_leaks"]
