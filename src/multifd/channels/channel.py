@@ -14,11 +14,15 @@ import stat
 import struct
 import subprocess
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 
+from ._libc import RecvMsg
 from .errors import ChannelEOFError, ChannelError, ChannelTimeoutError, os_error_text
+from .iovec import IOVec
+from .splice import SplicePipe, unsent_bytes
 from .tls import describe_ssl_error
 from .tls_session import TLSSession
 
@@ -95,6 +99,19 @@ class Channel:
         self._lock = threading.Lock()
         self._shut = False
         self._closed = False
+        # Lent pages go through a pipe into the socket (see splice.py): unix
+        # stream sockets only. TCP keeps pages until they are acknowledged and
+        # reads them again to retransmit, and across hosts the peer's read is
+        # not a copy the sender saves.
+        self._can_lend = (
+            self._session is None
+            and self._sock is not None
+            and self._sock.family == socket.AF_UNIX
+            and self._sock.type == socket.SOCK_STREAM
+        )
+        self._splice: SplicePipe | None = None
+        # Plain sockets read struct iovec tables with one recvmsg(2) (read_iovec).
+        self._recvmsg = RecvMsg() if self._sock is not None and self._session is None else None
         self.timeout = timeout
         if self._sock is not None and self._sock.family == socket.AF_UNIX:
             # A unix socket queues at most its sender's SO_SNDBUF (about 200 KiB
@@ -175,6 +192,42 @@ class Channel:
         if total:
             self._fill(views, total)
         return total
+
+    def read_iovec(self, iov: IOVec) -> None:
+        """Fill every range of `iov` completely, in order: one recvmsg(2) on a
+        plain socket, with no Python object per range."""
+        if self._recvmsg is None or self._prefix or not iov.count:
+            if iov.total:
+                self._fill(iov.views(), iov.total)
+            return
+        start = self.bytes_read
+        try:
+            n = self._recvmsg(self._fd, iov.address, iov.count, socket.MSG_WAITALL)
+        except InterruptedError:
+            n = 0
+        except (TimeoutError, BlockingIOError):
+            raise ChannelTimeoutError(
+                self.name,
+                f"no data for {self._timeout:g} s while reading {iov.total} bytes at stream "
+                f"offset {start:#x}",
+                errno=errno.ETIMEDOUT,
+            ) from None
+        except OSError as exc:
+            raise self._failure(f"read failed at stream offset {start:#x}", exc) from exc
+        if n == iov.total:
+            self.bytes_read = start + n
+            return
+        # Cut short (a timeout, a signal, the end): the rest the usual way,
+        # which tells these apart.
+        self.bytes_read = start + n
+        total = iov.total
+        iov.advance(n)
+        try:
+            self._fill(iov.views(), iov.total)
+        except ChannelEOFError as exc:
+            raise ChannelEOFError(
+                self.name, missing=exc.missing, wanted=total, offset=start
+            ) from None
 
     def read_some_into(self, buffer: bytearray | memoryview) -> int:
         """Read what the stream has now, at most `len(buffer)` bytes, waiting only
@@ -291,6 +344,8 @@ class Channel:
     def writev_all(self, buffers: Sequence[Buffer]) -> int:
         """Write every buffer in order (sendmsg / writev), looping over partial
         writes by advancing views: page buffers are never copied or joined."""
+        if self._splice is not None and self._splice.queued:
+            self._splice_drain()
         views = _byte_views(buffers)
         total = sum(map(len, views))
         left = total
@@ -320,6 +375,97 @@ class Channel:
             raise self._failure(
                 f"write failed at stream offset {self.bytes_written:#x}", exc
             ) from exc
+
+    @property
+    def can_lend(self) -> bool:
+        """Whether `write_lent` lends pages here (a plain unix stream socket)."""
+        return self._can_lend
+
+    def write_lent(self, head: Buffer, iov: IOVec, *, more: bool = False) -> None:
+        """Write `head` (copied), then the memory in `iov` without copying it:
+        lent to the kernel (vmsplice into a pipe, splice into the socket, see
+        splice.py) where `can_lend`. The peer reads that memory when it reads
+        the bytes: the caller keeps it mapped, and accepts that what it writes
+        there meanwhile goes out. `wait_read()` tells when the peer has read
+        everything. With `more`, bytes may wait in the pipe for the next call
+        (any other write sends them first). `iov` is consumed."""
+        if not self._can_lend:
+            self.writev_all([head, *iov.views()])
+            iov.advance(iov.total)
+            return
+        try:
+            if self._splice is None:
+                self._splice = SplicePipe()
+            pipe = self._splice
+            view = memoryview(head).cast("B")
+            while view:
+                n = pipe.put(view)
+                if n == 0:  # the pipe is full
+                    self._drain(pipe)
+                view = view[n:]
+            while iov.total:
+                if pipe.lend_iovec(iov) == 0:
+                    self._drain(pipe)
+            if not more:
+                self._drain(pipe)
+        except (TimeoutError, BlockingIOError):
+            self._drop_splice()
+            raise ChannelTimeoutError(
+                self.name,
+                f"could not write for {self._timeout:g} s at stream offset {self.bytes_written:#x}",
+                errno=errno.ETIMEDOUT,
+            ) from None
+        except OSError as exc:
+            self._drop_splice()
+            raise self._failure(
+                f"write failed at stream offset {self.bytes_written:#x}", exc
+            ) from exc
+
+    def _splice_drain(self) -> None:
+        assert self._splice is not None
+        try:
+            self._drain(self._splice)
+        except (TimeoutError, BlockingIOError):
+            self._drop_splice()
+            raise ChannelTimeoutError(
+                self.name,
+                f"could not write for {self._timeout:g} s at stream offset {self.bytes_written:#x}",
+                errno=errno.ETIMEDOUT,
+            ) from None
+        except OSError as exc:
+            self._drop_splice()
+            raise self._failure(
+                f"write failed at stream offset {self.bytes_written:#x}", exc
+            ) from exc
+
+    def _drain(self, pipe: SplicePipe) -> None:
+        while pipe.queued:
+            self.bytes_written += pipe.drain_some(self._fd)
+
+    def _drop_splice(self) -> None:
+        # What a failed write left in the pipe can never go out in order.
+        if self._splice is not None:
+            self._splice.close()
+            self._splice = None
+
+    def wait_read(self, timeout: float | None) -> bool:
+        """Wait until the peer has read every byte written (lent pages are then
+        no longer referenced); False if it has not within `timeout` or the
+        channel was shut down meanwhile. Returns at once where nothing is lent."""
+        if self._splice is None or self._closed:
+            return True
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            if self._shut:
+                return False
+            try:
+                if unsent_bytes(self._fd) <= 0:
+                    return True
+            except OSError:
+                return True  # a shut-down or broken socket no longer holds pages
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
+            time.sleep(0.001)
 
     # ---- helpers ---------------------------------------------------------------
 
@@ -381,6 +527,7 @@ class Channel:
             if self._closed:
                 return
             self._closed = True
+        self._drop_splice()
         if self._sock is not None:
             if reset and self._sock.family in (socket.AF_INET, socket.AF_INET6):
                 with contextlib.suppress(OSError):

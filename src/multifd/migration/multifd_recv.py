@@ -15,6 +15,7 @@ from collections.abc import Callable, Mapping
 import numpy as np
 
 from ..channels import Channel, ChannelEOFError, ChannelError
+from ..channels.iovec import IOVec, buffer_address
 from ..wire import (
     PACKET_HEADER_SIZE,
     PAGES_PER_PACKET,
@@ -26,7 +27,6 @@ from ..wire import (
     WireError,
 )
 from .compression import make_decompressor
-from .multifd_send import byte_runs
 from .stats import ChannelStats, MigrationAborted
 
 
@@ -50,6 +50,9 @@ class _RecvChannel:
         # the stream ended right after them.
         self.header_ready = False
         self.ended_after_pages = False
+        # A packet's pages and the next header, for one recvmsg.
+        self.iov = IOVec()
+        self.header_address = buffer_address(self.header)
 
 
 class MultifdReceiver:
@@ -72,7 +75,10 @@ class MultifdReceiver:
         # name → (used_length, writable uint8 array); set from MEM_SIZE.
         self._blocks: dict[str, tuple[int, np.ndarray]] = {}
         self._lengths: dict[str, int] = {}
-        self._views: dict[str, memoryview] = {}  # name → byte view, for page slices
+        # name → byte view: held, it also keeps the block mapped while the
+        # channels read into it by address.
+        self._views: dict[str, memoryview] = {}
+        self._addresses: dict[str, int] = {}
         self.channels = [_RecvChannel(ch, i, compression) for i, ch in enumerate(channels)]
         self.repeated = 0  # pages counted once although received twice (7.2 quirk)
 
@@ -81,6 +87,7 @@ class MultifdReceiver:
         self._blocks = {name: (len(array), array) for name, array in blocks.items()}
         self._lengths = {name: len(array) for name, array in blocks.items()}
         self._views = {name: memoryview(array).cast("B") for name, array in blocks.items()}
+        self._addresses = {name: buffer_address(array) for name, array in blocks.items()}
 
     def start(self) -> None:
         for rc in self.channels:
@@ -233,15 +240,16 @@ class MultifdReceiver:
             rc.tails.append((packet.packet_num, name, int(offsets[-1])))
 
     @staticmethod
-    def _read_pages_and_next_header(rc: _RecvChannel, views: list[memoryview]) -> None:
+    def _read_pages_and_next_header(rc: _RecvChannel) -> None:
         """The pages, and in the same system call the next packet's header: the
         Python work between two reads, not the copying, is what a fast peer
         waits for (QEMU's default socket buffer holds less than a packet). A
         source always follows a packet of pages with another packet (at least
         the SYNC of the round) or closes the channel, so this never waits for
         bytes that are not coming."""
+        rc.iov.append(rc.header_address, PACKET_HEADER_SIZE)
         try:
-            rc.channel.readv_into([*views, rc.header_view])
+            rc.channel.read_iovec(rc.iov)
         except ChannelEOFError as exc:
             if exc.missing != PACKET_HEADER_SIZE:
                 raise  # pages or the next header cut short
@@ -254,18 +262,13 @@ class MultifdReceiver:
         array = self._blocks[name][1]
         normal = packet.normal_pages
         data_offsets, zero_offsets = offsets[:normal], offsets[normal:]
-        aligned = not np.bitwise_and(offsets, TARGET_PAGE_SIZE - 1).any()
         if normal:
             if rc.decompressor is None:
-                view = self._views[name]
-                if aligned:
-                    views = [
-                        view[start:end] for start, end in byte_runs(data_offsets, TARGET_PAGE_SIZE)
-                    ]
-                else:
-                    views = [view[o : o + TARGET_PAGE_SIZE] for o in data_offsets.tolist()]
-                self._read_pages_and_next_header(rc, views)
+                # check_pages put every page inside the block.
+                rc.iov.set_pages(self._addresses[name], data_offsets, TARGET_PAGE_SIZE)
+                self._read_pages_and_next_header(rc)
             else:
+                aligned = not np.bitwise_and(data_offsets, TARGET_PAGE_SIZE - 1).any()
                 payload = rc.channel.read_exact(packet.next_packet_size)
                 data = rc.decompressor.decompress(payload, normal * TARGET_PAGE_SIZE, where)
                 pages = np.frombuffer(data, dtype=np.uint8).reshape(normal, TARGET_PAGE_SIZE)

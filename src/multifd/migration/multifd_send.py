@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..channels import Channel, ChannelError
+from ..channels.iovec import IOVec, buffer_address
 from ..wire import (
     PACKET_HEADER_SIZE,
     PAGES_PER_PACKET,
@@ -73,6 +74,7 @@ class _SendChannel:
     queued_pages: int = 0
     syncs_written: int = 0
     thread: threading.Thread | None = None
+    iov: IOVec = field(default_factory=IOVec)
 
 
 def byte_runs(offsets: np.ndarray, size: int) -> zip:
@@ -169,6 +171,15 @@ class MultifdSender:
                 )
             )
 
+    def wait_read(self, timeout: float | None) -> str | None:
+        """Wait until the destination has read everything written on every
+        channel: until then, lent pages of the source's memory are still on
+        their way. None once read, else what is still waiting."""
+        for sc in self.channels:
+            if not sc.channel.wait_read(timeout):
+                return f"channel {sc.stats.id}: the destination did not read the last pages"
+        return None
+
     def abort(self) -> None:
         """Wake every waiter and make every blocked socket call return."""
         with self._lock:
@@ -255,6 +266,9 @@ class MultifdSender:
             stats.sync_packets += 1
             return
         assert batch.buffer is not None
+        if sc.compressor is None and sc.channel.can_lend and not batch.buffer.readonly:
+            self._write_lent(sc, batch)
+            return
         parts: list = []
         ends: list[int] = []  # the stream offset at which each packet ends
         offset = sc.channel.bytes_written
@@ -273,6 +287,30 @@ class MultifdSender:
             stats.bytes += sc.channel.bytes_written - start
             stats.packets += done
             stats.pages += sum(len(p.pages) for p in batch.packets[:done])
+
+    def _write_lent(self, sc: _SendChannel, batch: _Batch) -> None:
+        """Each packet's header, then its pages lent rather than copied (see
+        channels/splice.py); the source's completion waits until they are read."""
+        assert batch.buffer is not None
+        stats = sc.stats
+        base = buffer_address(batch.buffer)
+        last = len(batch.packets) - 1
+        for i, packet in enumerate(batch.packets):
+            offsets = packet.pages * TARGET_PAGE_SIZE
+            header = MultiFDPacket.for_pages(
+                batch.block_name,
+                offsets,
+                flags=self._compression.flag,
+                packet_num=packet.packet_num,
+                payload_size=len(offsets) * TARGET_PAGE_SIZE,
+                layout=self._layout,
+            ).pack()
+            sc.iov.set_pages(base, offsets, TARGET_PAGE_SIZE)
+            # Pages wait in the pipe for the next packet's, up to the batch's end.
+            sc.channel.write_lent(header, sc.iov, more=i < last)
+            stats.bytes += len(header) + len(offsets) * TARGET_PAGE_SIZE
+            stats.packets += 1
+            stats.pages += len(offsets)
 
     def _encode(
         self, compressor: Compressor | None, batch: _Batch, packet: _Packet

@@ -483,11 +483,26 @@ class MigrationSource(Endpoint):
         self.ram.downtime_bytes = self._bytes_sent() - sent_before
         self.ram.remaining = 0
         self._downtime = time.monotonic() - stopped_at
+        self._await_read(settings)
         if self._return_path is not None:
             self._await_verdict(settings)
         if self._throttle_percent and self._throttle is not None:
             self._throttle(0)
         self.state.set(MigrationStatus.COMPLETED)
+
+    def _await_read(self, settings: MigrationSettings) -> None:
+        """Completed only once the destination has read every page: pages lent
+        to the sockets are read from the source's memory at that moment, and
+        after completion the application may write there again."""
+        if self._sender is None:
+            return
+        timeout = settings.parameter("x-io-timeout") or None
+        waiting = self._sender.wait_read(timeout)
+        if self._cancel.is_set() or self.state.error is not None:
+            raise MigrationAborted
+        if waiting is not None:
+            self._fail(f"{waiting} within {timeout:g} s" if timeout else waiting)
+            raise MigrationAborted
 
     def _await_verdict(self, settings: MigrationSettings) -> None:
         """Completed only once the destination says it loaded everything (SHUT 0),

@@ -1,0 +1,76 @@
+"""struct iovec arrays that numpy fills: the byte ranges of one packet's pages
+as a table of (address, length), handed to recvmsg(2) or vmsplice(2) through
+ctypes. Slicing a memoryview per page or run, and the socket module parsing
+each one, cost more Python per packet than the kernel's copy of the pages.
+
+The addresses are raw: whoever fills a table keeps the memory they point into
+mapped until the call returns (a memoryview of it, held, makes the mmap refuse
+to close), and checks every range against the block first.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import numpy as np
+
+# Byte ranges per table: a packet's 128 pages, and what a read fetches with them.
+IOVEC_CAPACITY = 256
+
+
+def buffer_address(buffer: bytearray | memoryview | np.ndarray) -> int:
+    """The address of a writable buffer's first byte."""
+    if isinstance(buffer, np.ndarray):
+        return int(buffer.ctypes.data)
+    return ctypes.addressof(ctypes.c_char.from_buffer(buffer))
+
+
+class IOVec:
+    """A struct iovec[] with room for `capacity` ranges; `count` are in use."""
+
+    def __init__(self, capacity: int = IOVEC_CAPACITY) -> None:
+        self.table = np.zeros((capacity, 2), dtype=np.uint64)
+        self.address = int(self.table.ctypes.data)
+        self.count = 0
+        self.total = 0  # bytes in the ranges in use
+
+    def set_pages(self, base: int, offsets: np.ndarray, size: int) -> None:
+        """One range of `size` bytes at `base + offset` for each offset (an
+        unsigned array, checked against the memory at `base` by the caller)."""
+        n = len(offsets)
+        np.add(offsets, base, out=self.table[:n, 0], casting="unsafe")
+        self.table[:n, 1] = size
+        self.count = n
+        self.total = n * size
+
+    def append(self, address: int, length: int) -> None:
+        """One more range at the end."""
+        row = self.table[self.count]
+        row[0] = address
+        row[1] = length
+        self.count += 1
+        self.total += length
+
+    def views(self) -> list[memoryview]:
+        """The ranges as memoryviews, for the channels that cannot take a table
+        (TLS, pipes and files) and for the rest of a read cut short."""
+        return [
+            memoryview((ctypes.c_char * length).from_address(address)).cast("B")
+            for address, length in self.table[: self.count].tolist()
+        ]
+
+    def advance(self, n: int) -> None:
+        """Drop the first `n` bytes: after a call that moved only part of them."""
+        if n == self.total:
+            self.count = self.total = 0
+            return
+        ends = np.cumsum(self.table[: self.count, 1])
+        done = int(np.searchsorted(ends, n, side="right"))  # ranges wholly moved
+        rest = self.table[done : self.count].copy()
+        if len(rest):
+            into = n - (int(ends[done - 1]) if done else 0)
+            rest[0, 0] += into
+            rest[0, 1] -= into
+        self.table[: len(rest)] = rest
+        self.count = len(rest)
+        self.total -= n

@@ -1,0 +1,216 @@
+"""Pages by address: `write_lent` (vmsplice and splice on unix sockets, a copy
+elsewhere) and `read_iovec` (one recvmsg into a struct iovec table), with the
+bytes on the wire, lending that really lends, reads cut short, and errors."""
+
+from __future__ import annotations
+
+import mmap
+import os
+import socket
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from multifd.channels import Channel, ChannelEOFError, ChannelError, ChannelTimeoutError
+from multifd.channels.iovec import IOVec, buffer_address
+
+PAGE = 4096
+
+
+def _tcp_pair() -> tuple[socket.socket, socket.socket]:
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        a = socket.create_connection(server.getsockname())
+        b, _ = server.accept()
+    return a, b
+
+
+def _socket_pair(kind: str) -> tuple[socket.socket, socket.socket]:
+    return socket.socketpair(socket.AF_UNIX) if kind == "unix" else _tcp_pair()
+
+
+@pytest.fixture(params=["unix", "tcp"])
+def pair(request: pytest.FixtureRequest) -> Iterator[tuple[Channel, Channel]]:
+    a, b = _socket_pair(request.param)
+    writer, reader = Channel(a, "channel 2", timeout=10), Channel(b, "channel 2", timeout=10)
+    yield writer, reader
+    writer.close()
+    reader.close()
+
+
+@pytest.fixture
+def ram() -> Iterator[np.ndarray]:
+    """A RAM block's memory: 4 MiB of random pages in an anonymous mapping
+    (unmapped when the last view of it goes)."""
+    pages = np.frombuffer(mmap.mmap(-1, 1024 * PAGE), dtype=np.uint8)
+    pages[:] = np.random.default_rng(7).integers(0, 256, len(pages), dtype=np.uint8)
+    yield pages
+
+
+def _pages(ram: np.ndarray, offsets: np.ndarray) -> bytes:
+    return b"".join(ram[o : o + PAGE].tobytes() for o in offsets.tolist())
+
+
+def test_write_lent_puts_header_then_pages_on_the_wire(
+    pair: tuple[Channel, Channel], ram: np.ndarray, background: Callable[..., Any]
+) -> None:
+    """Two packets, the first left in the pipe (`more`): more pages than the
+    pipe holds, in a scattered order, arrive whole and in order."""
+    writer, reader = pair
+    first = np.arange(0, 700, 2, dtype=np.uint64) * PAGE  # 350 pages: more than 1 MiB
+    second = np.array([1023, 5, 6, 7, 900], dtype=np.uint64) * PAGE
+    iov = IOVec(512)
+    expected = b""
+
+    def send() -> None:
+        nonlocal expected
+        for offsets, more in ((first, True), (second, False)):
+            iov.set_pages(buffer_address(ram), offsets, PAGE)
+            writer.write_lent(b"HEAD" * 8, iov, more=more)
+            assert iov.total == 0
+
+    expected = b"HEAD" * 8 + _pages(ram, first) + b"HEAD" * 8 + _pages(ram, second)
+    sender = background(send)
+    got = reader.read_exact(len(expected))
+    sender.result()
+    assert got == expected
+    assert writer.bytes_written == reader.bytes_read == len(expected)
+    assert writer.can_lend is (writer._sock.family == socket.AF_UNIX)  # type: ignore[union-attr]
+
+
+def test_a_unix_socket_lends_pages_until_the_peer_reads_them(ram: np.ndarray) -> None:
+    """The proof that nothing was copied: a write to the memory after write_lent
+    reaches the peer. wait_read() tells when the memory is free again."""
+    a, b = socket.socketpair(socket.AF_UNIX)
+    with Channel(a, "channel 0") as writer, Channel(b, "channel 0") as reader:
+        iov = IOVec()
+        iov.set_pages(buffer_address(ram), np.array([3 * PAGE], dtype=np.uint64), PAGE)
+        writer.write_lent(b"h", iov)
+        assert not writer.wait_read(0.02)
+        ram[3 * PAGE : 4 * PAGE] = 0xAB
+        assert reader.read_exact(1 + PAGE) == b"h" + b"\xab" * PAGE
+        assert writer.wait_read(5.0)
+
+
+def test_tcp_copies_at_the_write(ram: np.ndarray) -> None:
+    a, b = _tcp_pair()
+    with Channel(a, "channel 0") as writer, Channel(b, "channel 0") as reader:
+        before = ram[:PAGE].tobytes()
+        iov = IOVec()
+        iov.set_pages(buffer_address(ram), np.array([0], dtype=np.uint64), PAGE)
+        writer.write_lent(b"", iov)
+        assert writer.wait_read(0)  # nothing lent
+        ram[:PAGE] = 0
+        assert reader.read_exact(PAGE) == before
+
+
+def test_write_lent_to_a_closed_peer_names_the_channel_and_leaves_no_pipe(
+    ram: np.ndarray,
+) -> None:
+    a, b = socket.socketpair(socket.AF_UNIX)
+    fds_before = set(os.listdir("/proc/self/fd"))
+    with Channel(a, "channel 4") as writer:
+        b.close()
+        iov = IOVec()
+        iov.set_pages(buffer_address(ram), np.arange(128, dtype=np.uint64) * PAGE, PAGE)
+        with pytest.raises(ChannelError) as info:
+            writer.write_lent(b"x" * 100, iov)
+        assert str(info.value).startswith("channel 4: write failed at stream offset 0x")
+        assert "Broken pipe" in str(info.value) or "Connection reset" in str(info.value)
+    assert set(os.listdir("/proc/self/fd")) <= fds_before
+
+
+def test_write_lent_times_out_when_the_peer_does_not_read(ram: np.ndarray) -> None:
+    a, b = socket.socketpair(socket.AF_UNIX)
+    with Channel(a, "channel 1", timeout=0.05) as writer, Channel(b, "channel 1"):
+        iov = IOVec(1024)
+        with pytest.raises(ChannelTimeoutError, match=r"channel 1: could not write for 0\.05 s"):
+            for _ in range(64):  # 256 MiB: far beyond what the socket buffers hold
+                iov.set_pages(buffer_address(ram), np.arange(1024, dtype=np.uint64) * PAGE, PAGE)
+                writer.write_lent(b"", iov)
+
+
+def test_read_iovec_fills_pages_in_place(
+    pair: tuple[Channel, Channel], ram: np.ndarray, background: Callable[..., Any]
+) -> None:
+    writer, reader = pair
+    offsets = np.array([9, 2, 3, 4, 700], dtype=np.uint64) * PAGE
+    payload = os.urandom(len(offsets) * PAGE + 16)
+    sender = background(writer.write_all, payload)
+    header = bytearray(16)
+    iov = IOVec()
+    iov.set_pages(buffer_address(ram), offsets, PAGE)
+    iov.append(buffer_address(header), len(header))
+    reader.read_iovec(iov)
+    sender.result()
+    assert _pages(ram, offsets) + bytes(header) == payload
+    assert reader.bytes_read == len(payload)
+
+
+def test_read_iovec_across_slow_writes_and_a_pushed_back_prefix(
+    pair: tuple[Channel, Channel], ram: np.ndarray, background: Callable[..., Any]
+) -> None:
+    """Bytes that come a few at a time, and some already read and put back."""
+    writer, reader = pair
+    payload = os.urandom(3 * PAGE)
+    writer.write_all(payload[:10])
+    reader.unread(reader.read_exact(10))
+
+    def trickle() -> None:
+        for i in range(10, len(payload), 1000):
+            writer.write_all(payload[i : i + 1000])
+
+    sender = background(trickle)
+    iov = IOVec()
+    iov.set_pages(buffer_address(ram), np.array([1, 0, 2], dtype=np.uint64) * PAGE, PAGE)
+    reader.read_iovec(iov)
+    sender.result()
+    assert _pages(ram, np.array([1, 0, 2]) * PAGE) == payload
+
+
+def test_read_iovec_says_what_is_missing_when_the_peer_closes(
+    pair: tuple[Channel, Channel], ram: np.ndarray
+) -> None:
+    writer, reader = pair
+    reader.read_exact(0)
+    writer.write_all(b"z" * 5000)
+    writer.close()
+    iov = IOVec()
+    iov.set_pages(buffer_address(ram), np.array([0, 1], dtype=np.uint64) * PAGE, PAGE)
+    with pytest.raises(ChannelEOFError) as info:
+        reader.read_iovec(iov)
+    assert (info.value.missing, info.value.wanted, info.value.offset) == (3192, 8192, 0)
+    assert str(info.value).startswith("channel 2: peer closed the stream 3192 bytes short")
+
+
+def test_read_iovec_timeout(pair: tuple[Channel, Channel], ram: np.ndarray) -> None:
+    writer, reader = pair
+    reader.timeout = 0.05
+    writer.write_all(b"ab")
+    iov = IOVec()
+    iov.set_pages(buffer_address(ram), np.array([0], dtype=np.uint64), PAGE)
+    with pytest.raises(ChannelTimeoutError, match=r"channel 2: no data for 0\.05 s"):
+        reader.read_iovec(iov)
+
+
+@given(
+    lengths=st.lists(st.integers(1, 9000), min_size=1, max_size=40),
+    cut=st.floats(0, 1),
+)
+def test_iovec_advance_keeps_exactly_the_bytes_not_yet_moved(
+    lengths: list[int], cut: float
+) -> None:
+    iov = IOVec(64)
+    address = 1 << 20
+    for length in lengths:
+        iov.append(address, length)
+        address += length + 7
+    everything = [(a + i) for a, n in iov.table[: iov.count].tolist() for i in range(n)]
+    n = int(cut * iov.total)
+    iov.advance(n)
+    rest = [(a + i) for a, n in iov.table[: iov.count].tolist() for i in range(n)]
+    assert rest == everything[n:]
+    assert iov.total == len(rest)
