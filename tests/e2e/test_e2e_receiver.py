@@ -109,3 +109,49 @@ def test_a_peer_that_pauses_between_packets_is_waited_for(receiver) -> None:
     peer.shutdown(socket.SHUT_WR)
     _run_out(rx)
     assert errors == [] and (rows[10] == 0x44).all()
+
+
+def _with_header_fields(packet: bytes, **fields: int) -> bytes:
+    """A packet with header fields overwritten (flags at byte 8, normal_pages at 16)."""
+    data = bytearray(packet)
+    at = {"flags": 8, "pages_alloc": 12, "normal_pages": 16}
+    for name, value in fields.items():
+        data[at[name] : at[name] + 4] = value.to_bytes(4, "big")
+    return bytes(data)
+
+
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [
+        (
+            _packet([BLOCK_PAGES], 1, 0x22),
+            f'offset too long: offset {BLOCK_PAGES * PAGE:#x} beyond block "pc.ram"',
+        ),
+        (_with_header_fields(_packet([4], 1, 0x22), flags=0x80), "flags"),
+        (
+            _with_header_fields(_packet([4], 1, 0x22), normal_pages=129),
+            "received packet with 129 pages",
+        ),
+        (
+            _packet([4], 1, 0x22).replace(b"pc.ram\0", b"pc.rom\0", 1),
+            "unknown ram block pc.rom",
+        ),
+    ],
+    ids=["offset", "flag", "count", "block"],
+)
+def test_after_a_good_packet_a_bad_one_is_refused_as_the_first_would_be(
+    receiver, bad: bytes, message: str
+) -> None:
+    """A packet like the last good one takes a shortcut (see `_plain_pages`):
+    whatever differs must still be refused, with the full path's message,
+    before any page of it is written."""
+    rx, peer, block, errors = receiver
+    peer.sendall(_packet([3], 0, 0x11) + bad + bytes(PAGE))
+    peer.shutdown(socket.SHUT_WR)
+    _run_out(rx)
+    assert len(errors) == 1, errors
+    assert errors[0].startswith("channel 0: packet 1")
+    assert message in errors[0]
+    rows = block.reshape(BLOCK_PAGES, PAGE)
+    assert (rows[3] == 0x11).all()
+    assert not rows[4].any() and not rows[BLOCK_PAGES - 1].any()

@@ -51,6 +51,7 @@ from multifd.wire import (
     WireProfile,
     XbzrlePage,
     ZeroPage,
+    plain_pages_header,
     read_init,
     split_device_state,
 )
@@ -372,6 +373,31 @@ def test_random_packet_headers_give_a_checked_packet_or_wire_error(
     assert len(offsets) == packet.page_count
     assert name in blocks or packet.page_count == 0
     assert all(o <= blocks[name] - 4096 for o in offsets.tolist())
+
+
+@FUZZ
+@given(
+    st.tuples(small_or_any, small_or_any, small_or_any),
+    st.binary(max_size=PACKET_HEADER_SIZE - 24),
+    st.booleans(),
+)
+def test_the_receivers_shortcut_accepts_only_what_unpack_accepts(
+    fields: tuple[int, int, int], rest: bytes, good_prefix: bool
+) -> None:
+    """plain_pages_header (the receive threads' shortcut) says yes only to
+    headers that the full decoder also accepts as a flagless packet of pages,
+    with the same counts, number and block field."""
+    flags, alloc, normal = fields
+    prefix = PACKET_PREFIX if good_prefix else bytes(len(PACKET_PREFIX))
+    header = (prefix + be32(flags) + be32(alloc) + be32(normal) + rest).ljust(
+        PACKET_HEADER_SIZE, b"\0"
+    )[:PACKET_HEADER_SIZE]
+    plain = plain_pages_header(header)
+    if plain is None:
+        return
+    packet = MultiFDPacket.unpack(header, layout=PacketLayout.V7_2)
+    assert packet.flags == 0 and packet.normal_pages > 0
+    assert plain == (packet.normal_pages, packet.packet_num, packet.ramblock)
 
 
 @FUZZ

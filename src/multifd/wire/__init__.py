@@ -5,6 +5,7 @@ from .decoder import MainRecord, MainStreamDecoder, State
 from .devices import split_device_state
 from .errors import Where, WireError
 from .multifd import (
+    HEADER_FIXED_SIZE,
     INIT_SIZE,
     MULTIFD_MAGIC,
     MULTIFD_VERSION,
@@ -14,6 +15,7 @@ from .multifd import (
     MultiFDPacket,
     PacketFlag,
     PacketLayout,
+    plain_pages_header,
     read_init,
     read_packet,
 )
@@ -68,6 +70,7 @@ from .stream import (
 )
 
 __all__ = [
+    "HEADER_FIXED_SIZE",
     "INIT_SIZE",
     "MULTIFD_MAGIC",
     "MULTIFD_VERSION",
@@ -124,6 +127,7 @@ __all__ = [
     "XbzrlePage",
     "ZeroPage",
     "ZeroPageRun",
+    "plain_pages_header",
     "read_init",
     "read_packet",
     "split_device_state",

@@ -413,6 +413,30 @@ class MultiFDPacket:
         return name, offsets
 
 
+# magic, version, flags, pages_alloc, normal_pages, next_packet_size, packet_num
+_HEAD_START = struct.Struct(">IIIIIIQ")
+_RAMBLOCK_AT = HEADER_FIXED_SIZE - RAMBLOCK_FIELD_SIZE
+
+
+def plain_pages_header(header: bytes | bytearray) -> tuple[int, int, bytes] | None:
+    """The receiver's shortcut for the common packet: an uncompressed packet of
+    normal pages in the 7.2 layout, with no flag set and counts QEMU accepts.
+    Returns (normal_pages, packet_num, raw ramblock field), or None for
+    anything else: `unpack` and `check_pages` then decide, and name what is
+    wrong. The offsets are still the caller's to check against the block
+    (`check_pages` does that on the full path)."""
+    magic, version, flags, alloc, normal, _, num = _HEAD_START.unpack_from(header)
+    if (
+        magic != MULTIFD_MAGIC
+        or version != MULTIFD_VERSION
+        or flags
+        or alloc > PAGES_PER_PACKET
+        or not 0 < normal <= alloc
+    ):
+        return None
+    return normal, num, bytes(header[_RAMBLOCK_AT:HEADER_FIXED_SIZE])
+
+
 def read_packet(reader: Reader, *, layout: PacketLayout = PacketLayout.V7_2) -> MultiFDPacket:
     start = reader.offset
     header = reader.take(PACKET_HEADER_SIZE, "packet header")
