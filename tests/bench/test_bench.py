@@ -9,6 +9,7 @@ import io
 import json
 import multiprocessing as mp
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ from multifd.bench import (
     run_bench,
 )
 from multifd.bench.endpoint import DestinationSpec, _destination_main
+from multifd.bench.system import CpuSampler
 from multifd.qemu.launch import qemu_binary
 
 BULK_KEYS = {"pairing", "channels", "seconds", "gbps", "ratio_to_qemu"}
@@ -65,7 +67,9 @@ def test_shape_and_figures(result: dict[str, Any]) -> None:
     for entry in bulk:
         assert set(entry) >= BULK_KEYS
         if entry["pairing"] == "python-python":
-            _positive(entry, "seconds", "gbps", "wire_gbps", "dest_hwm_bytes")
+            _positive(entry, "seconds", "gbps", "wire_gbps", "dest_hwm_bytes", "cpu_seconds")
+            # Both ends ran on this machine: busy, but never more than every CPU.
+            assert 0 < entry["cpu_busy"] <= 1.05
             assert entry["verified"] is True
             assert entry["ratio_to_qemu"] is None  # no QEMU→QEMU baseline in this run
             assert entry["fraction_of_loopback"] > 0
@@ -97,6 +101,21 @@ def test_shape_and_figures(result: dict[str, Any]) -> None:
         _positive(entry, "collect_ms", "collect_ms_per_gib", "dirty_pages")
         if entry["tracker"] == "kernel":
             _positive(entry, "write_extra_us_per_page")
+
+
+def test_cpu_sampler_sees_a_busy_thread_and_not_a_sleeping_one() -> None:
+    with CpuSampler(every=0.005) as cpu:
+        time.sleep(0.05)
+        spin_from = time.time()
+        while time.time() < spin_from + 0.3:
+            pass
+        spin_to = time.time()
+        time.sleep(0.3)
+        sleep_to = time.time()
+    assert cpu.busy_between(spin_from, spin_to) >= 0.2  # one CPU, at least most of it
+    # Sleeping, this process adds nothing (other tenants may add a little).
+    assert cpu.busy_between(spin_to, sleep_to) < cpu.busy_between(spin_from, spin_to)
+    assert cpu.busy_between(spin_from - 60, spin_to) is None
 
 
 def test_the_fraction_is_against_the_same_runs_loopback(result: dict[str, Any]) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import itertools
+import os
 import shutil
 import time
 from collections.abc import Iterator
@@ -23,7 +24,7 @@ from .content import BLOCK_NAME, Content, file_sha256
 from .endpoint import DestinationProcess, DestinationSpec
 from .options import BULK_DOWNTIME_LIMIT_MS, PAIRINGS, BenchOptions
 from .qemuvm import RamFileVM
-from .system import GB, PeakSampler, median
+from .system import GB, CpuSampler, PeakSampler, median
 
 TIMING = (
     "seconds from the migrate command to the destination's completion "
@@ -44,6 +45,7 @@ class RunResult:
     dest_ready_rss: int = 0  # its resident memory before the migration started
     source_overhead: int = 0  # growth of the source's anonymous memory
     tracker: str | None = None
+    cpu_seconds: float | None = None  # the machine's busy CPU time while timed
 
 
 @dataclass
@@ -274,7 +276,8 @@ class Bulk:
             "python-python": self._python_to_python,
         }
         try:
-            started, finished, overhead = pairings[pairing](channels, result)
+            with CpuSampler() as cpu:
+                started, finished, overhead = pairings[pairing](channels, result)
         except Exception as exc:
             result.error = result.error or f"{type(exc).__name__}: {exc}"
             return result
@@ -284,6 +287,7 @@ class Bulk:
                 result.error = "the destination reported no completion time"
             else:
                 result.seconds = finished - started
+                result.cpu_seconds = cpu.busy_between(started, finished)
         return result
 
     def _qemu_to_qemu(self, channels: int, result: RunResult) -> Timed:
@@ -442,6 +446,16 @@ def _entry(
         source_overhead_bytes=max(r.source_overhead for r in runs),
         tracker=runs[0].tracker,
     )
+    cpu = [r.cpu_seconds for r in runs if r.cpu_seconds is not None]
+    if cpu:
+        entry["cpu_seconds"] = median(cpu)
+        entry["cpu_busy"] = median(
+            [
+                r.cpu_seconds / (r.seconds * (os.cpu_count() or 1))
+                for r in runs
+                if r.cpu_seconds and r.seconds
+            ]
+        )
     return entry
 
 

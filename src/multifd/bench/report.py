@@ -52,6 +52,10 @@ def _why(entry: dict[str, Any]) -> str:
     return ""
 
 
+def _percent(value: float | None) -> str:
+    return "–" if value is None else f"{100 * value:.0f} %"
+
+
 def _bulk(result: dict[str, Any]) -> Section:
     section = Section(
         "Bulk: one block, 75 % random / 25 % zero pages, nobody writing",
@@ -63,6 +67,8 @@ def _bulk(result: dict[str, Any]) -> Section:
             "GB/s",
             "wire GB/s",
             "÷ QEMU→QEMU",
+            "CPU s",
+            "CPU busy",
             "dest RSS",
             "note",
         ],
@@ -77,6 +83,8 @@ def _bulk(result: dict[str, Any]) -> Section:
                 _f(e["gbps"]),
                 _f(e["wire_gbps"]),
                 _f(e["ratio_to_qemu"]),
+                _f(e.get("cpu_seconds"), 3),
+                _percent(e.get("cpu_busy")),
                 _mib(e.get("dest_hwm_bytes")),
                 _why(e),
             ]
@@ -88,6 +96,9 @@ def _bulk(result: dict[str, Any]) -> Section:
             "GB/s = RAM size / seconds, wire GB/s = bytes sent / seconds (GB = 1e9 B); "
             "runs = fastest–slowest timed run; "
             "÷ QEMU→QEMU = seconds / QEMU→QEMU's seconds at the same channel count; "
+            "CPU s = the machine's busy CPU-seconds during the run (both ends and "
+            "anything else running), CPU busy = CPU s / (seconds × CPUs): near 100 % the "
+            "run was bound by CPU; "
             "dest RSS = the destination's peak resident memory; "
             "medians of "
             f"{result['options']['runs']} runs after {result['options']['warmup']} warm-up "

@@ -3,6 +3,7 @@ machine and versions, /proc status fields, a peak sampler, medians."""
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import os
 import platform
@@ -71,6 +72,56 @@ class PeakSampler:
     @property
     def growth(self) -> int:
         return max(0, self.peak - self.before)
+
+
+class CpuSampler:
+    """The machine's busy CPU time (/proc/stat), sampled from a thread, so that
+    the CPU-seconds of any window inside the sampling can be read afterwards:
+    a run whose CPU-seconds come close to CPUs × seconds was bound by CPU."""
+
+    def __init__(self, every: float = 0.01) -> None:
+        self._every = every
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._hz = os.sysconf("SC_CLK_TCK")
+        self.samples: list[tuple[float, float]] = []  # (time.time(), busy seconds)
+
+    def __enter__(self) -> CpuSampler:
+        self._sample()
+        self._thread = threading.Thread(target=self._run, name="cpu-sampler", daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._every):
+            self._sample()
+
+    def _sample(self) -> None:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+        self.samples.append((time.time(), (sum(fields[:8]) - idle) / self._hz))
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        self._sample()
+
+    def busy_between(self, start: float, end: float) -> float | None:
+        """CPU-seconds the machine was busy from `start` to `end` (time.time()),
+        interpolated between samples; None outside the sampled time."""
+        if not self.samples or start < self.samples[0][0] or end > self.samples[-1][0]:
+            return None
+        times = [t for t, _ in self.samples]
+        busy = [b for _, b in self.samples]
+
+        def at(moment: float) -> float:
+            i = max(1, bisect.bisect_left(times, moment))
+            (t0, b0), (t1, b1) = (times[i - 1], busy[i - 1]), (times[i], busy[i])
+            return b0 if t1 == t0 else b0 + (b1 - b0) * (moment - t0) / (t1 - t0)
+
+        return max(0.0, at(end) - at(start))
 
 
 def _cpu_model() -> str:
