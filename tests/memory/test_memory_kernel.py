@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import socket
+import threading
 
 import numpy as np
 import pytest
@@ -84,11 +85,15 @@ def test_closing_after_the_block_is_gone_is_fine(make_block: BlockMaker) -> None
 
 
 @pytest.mark.parametrize("kind", ["anonymous", "memfd"])
-def test_lazy_start_tracks_each_range_once_covered(make_block: BlockMaker, kind: str) -> None:
+def test_lazy_start_tracks_each_range_once_covered(
+    make_block: BlockMaker, kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """After start(lazy=True) a range is tracked from its cover() on: a write
     before that is not reported (the round reads the page afterwards), one after
     it is; whatever no cover() reached counts as written at the next collect,
-    and from then on the whole block is tracked."""
+    and from then on the whole block is tracked. (No helper covering ahead
+    here: the next test has it.)"""
+    monkeypatch.setattr(kernel_module, "_COVER_AHEAD", 0)
     block = make_block(kind, MiB)  # 256 pages
     with KernelTracker(block) as tracker:
         tracker.start(lazy=True)
@@ -103,3 +108,49 @@ def test_lazy_start_tracks_each_range_once_covered(make_block: BlockMaker, kind:
         assert tracker.collect().indices().tolist() == [7, 250]
         tracker.cover(0, block.pages)  # nothing left to do
         assert tracker.collect().indices().tolist() == []
+
+
+def _helpers() -> list[str]:
+    return [t.name for t in threading.enumerate() if t.name.startswith("tracker-")]
+
+
+def test_a_helper_covers_ahead_of_the_round(
+    make_block: BlockMaker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """cover() also starts a helper thread that sets up the next range, so that
+    the round does not wait for it: those pages are then tracked, not counted
+    as written; the helper is joined by the next cover, collect or close."""
+    monkeypatch.setattr(kernel_module, "_COVER_AHEAD", 64 * PAGE_SIZE)
+    block = make_block("anonymous", MiB)  # 256 pages
+    with KernelTracker(block) as tracker:
+        tracker.start(lazy=True)
+        tracker.cover(0, 10)  # pages 0-9 now, 10-73 by the helper
+        assert tracker.collect().indices().tolist() == list(range(74, block.pages))
+        assert _helpers() == []
+        write_pages(block, [5, 40, 73, 200])
+        assert tracker.collect().indices().tolist() == [5, 40, 73, 200]
+    with KernelTracker(block) as tracker:
+        tracker.start(lazy=True)
+        tracker.cover(0, 1)
+    assert _helpers() == []  # close() joined it
+
+
+def test_what_the_helper_raises_comes_out_of_the_next_call(
+    make_block: BlockMaker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(kernel_module, "_COVER_AHEAD", 64 * PAGE_SIZE)
+    protect = KernelTracker._protect
+
+    def failing_in_the_helper(self: KernelTracker, base: int, end: int) -> None:
+        if threading.current_thread().name.startswith("tracker-"):
+            raise OSError(errno.ENOMEM, "RAMBlock 'ram': UFFDIO_WRITEPROTECT: out of memory")
+        protect(self, base, end)
+
+    monkeypatch.setattr(KernelTracker, "_protect", failing_in_the_helper)
+    block = make_block("anonymous", MiB)
+    with KernelTracker(block) as tracker:
+        tracker.start(lazy=True)
+        tracker.cover(0, 10)
+        with pytest.raises(OSError, match="UFFDIO_WRITEPROTECT: out of memory"):
+            tracker.cover(0, 200)
+    assert _helpers() == []

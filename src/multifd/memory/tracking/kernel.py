@@ -11,6 +11,7 @@ import os
 import select
 import socket
 import struct
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,6 +26,10 @@ _FEATURES_NEEDED = _linux.UFFD_FEATURE_WP_ASYNC | _linux.UFFD_FEATURE_WP_UNPOPUL
 _FEATURES_WANTED = _FEATURES_NEEDED | _linux.UFFD_FEATURE_WP_HUGETLBFS_SHMEM
 # Regions per PAGEMAP_SCAN call (24 bytes each); a fuller scan goes on from walk_end.
 _REGIONS_PER_SCAN = 16384
+# After a lazy start, a helper thread sets up the range this far ahead of the
+# first round: mapping in and protecting 64 MiB takes a few ms, which then
+# overlaps the round's scan and sending of the range before it.
+_COVER_AHEAD = 64 << 20
 
 # The handoff: magic, pid, address and length of the block in the workload, and
 # its name, in one fixed-size message carrying the userfaultfd as SCM_RIGHTS.
@@ -160,6 +165,9 @@ class KernelTracker(TrackerBase):
         # registers when started, or range by range after a lazy start).
         self._registered_to = self._end if _remote else self._base
         self._covered_to = self._end  # below it, pages are tracked since start()
+        # The helper covering ahead of the first round, and what it raised.
+        self._ahead: threading.Thread | None = None
+        self._ahead_error: OSError | None = None
         try:
             if _remote is None:
                 # Registering fails at once where the memory cannot be tracked
@@ -239,10 +247,41 @@ class KernelTracker(TrackerBase):
 
     def cover(self, first: int, count: int) -> None:
         end = min(self._base + (first + count + self._straddles) * PAGE_SIZE, self._end)
+        # The helper sets _covered_to only once its range is protected: a
+        # value read here without waiting for it never runs ahead of the truth.
+        if self._ahead is not None and (end > self._covered_to or not self._ahead.is_alive()):
+            self._join_ahead()
         if end > self._covered_to:
-            self._extend_to(end)
-            self._protect(self._covered_to, end)
-            self._covered_to = end
+            self._cover_to(end)
+        if self._ahead is None and self._covered_to < self._end and _COVER_AHEAD > 0:
+            target = min(self._covered_to + _COVER_AHEAD, self._end)
+            self._ahead = threading.Thread(
+                target=self._cover_ahead,
+                args=(target,),
+                name=f"tracker-{self.block.name}",
+                daemon=True,
+            )
+            self._ahead.start()
+
+    def _cover_to(self, end: int) -> None:
+        self._extend_to(end)
+        self._protect(self._covered_to, end)
+        self._covered_to = end
+
+    def _cover_ahead(self, end: int) -> None:
+        try:
+            self._cover_to(end)
+        except OSError as exc:
+            self._ahead_error = exc
+
+    def _join_ahead(self) -> None:
+        """Wait for the helper; what it raised is raised here."""
+        if self._ahead is not None:
+            self._ahead.join()
+            self._ahead = None
+        error, self._ahead_error = self._ahead_error, None
+        if error is not None:
+            raise error
 
     def _extend_to(self, end: int) -> None:
         """Register the mapping up to `end` (a lazy start's later ranges)."""
@@ -266,6 +305,7 @@ class KernelTracker(TrackerBase):
 
     def _collect(self) -> DirtyBitmap:
         assert self._pagemap is not None
+        self._join_ahead()
         written = DirtyBitmap((self._end - self._base) // PAGE_SIZE)
         uncovered = self._covered_to
         if uncovered < self._end:
@@ -326,6 +366,9 @@ class KernelTracker(TrackerBase):
             )
 
     def _close(self) -> None:
+        # Closing anyway: what the helper raised no longer matters.
+        with contextlib.suppress(OSError):
+            self._join_ahead()
         if self._uffd is not None:
             # Unregistering also drops the write protection, so the application
             # stops paying for faults now, not only when the last fd copy closes.
