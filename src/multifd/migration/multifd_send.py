@@ -141,8 +141,10 @@ class MultifdSender:
         for first in range(0, len(pages), BATCH_PAGES):
             chunk = pages[first : first + BATCH_PAGES]
             with self._lock:
+                # Wait for room on any channel, then choose: choosing first and
+                # waiting for that one channel left the others idle meanwhile.
+                self._wait(lambda: any(sc.queued_pages < QUEUE_PAGES for sc in self.channels))
                 sc = self._least_loaded()
-                self._wait(lambda sc=sc: sc.queued_pages < QUEUE_PAGES)
                 # Numbered when queued, as QEMU numbers a packet when a channel takes it.
                 packets = [
                     _Packet(next(self._packet_nums), chunk[i : i + PAGES_PER_PACKET])
