@@ -1,7 +1,8 @@
 """The destination's multifd channels: one thread each, writing pages in place.
 
-Each thread reads a header, then the pages straight into the RAM block
-(readv into page slices; or decompress and scatter). At a SYNC packet it
+Each thread reads a header, then the pages straight into the RAM block (one
+recvmsg into an iovec table of the pages and the next header, see
+channels/iovec.py; or decompress and scatter). At a SYNC packet it
 stops until the migration thread, at the matching EOS or MULTIFD_FLUSH, has
 seen every channel reach its SYNC (QEMU's multifd_recv_sync_main).
 """

@@ -3,8 +3,9 @@
 The migration thread splits a run of pages into packets (≤128 pages of one
 block, as QEMU's multifd_send_pages) and queues them on the channel with the
 least queued work, several packets at a time: a channel thread then writes a
-whole batch with one sendmsg, and goes on to the next batch without waiting for
-the migration thread. Handing over one packet at a time, as QEMU does between C
+whole batch (one sendmsg; or, on a unix socket, each packet's pages lent with
+vmsplice and spliced in, see channels/splice.py), and goes on to the next batch
+without waiting for the migration thread. Handing over one packet at a time, as QEMU does between C
 threads, costs a GIL round trip per packet in Python and kept every thread
 waiting on the others.
 
@@ -38,7 +39,7 @@ from ..wire import (
 from .compression import Compressor, make_compressor
 from .stats import ChannelStats, MigrationAborted
 
-# Pages handed to a channel at once (one batch, one sendmsg when uncompressed).
+# Pages handed to a channel at once (one batch).
 BATCH_PAGES = 8 * PAGES_PER_PACKET
 # Pages queued on one channel before the migration thread waits: the batch being
 # written and the next one, so that a channel never waits for the migration
