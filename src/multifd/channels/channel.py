@@ -365,16 +365,8 @@ class Channel:
                 # SSLSocket has no sendmsg; each buffer becomes TLS records of its own.
                 return self._session.send(views[0])
             return self._sock.sendmsg(views[:IOV_MAX])
-        except (TimeoutError, BlockingIOError):
-            raise ChannelTimeoutError(
-                self.name,
-                f"could not write for {self._timeout:g} s at stream offset {self.bytes_written:#x}",
-                errno=errno.ETIMEDOUT,
-            ) from None
         except OSError as exc:
-            raise self._failure(
-                f"write failed at stream offset {self.bytes_written:#x}", exc
-            ) from exc
+            raise self._write_error(exc) from _cause(exc)
 
     @property
     def can_lend(self) -> bool:
@@ -408,35 +400,27 @@ class Channel:
                     self._drain(pipe)
             if not more:
                 self._drain(pipe)
-        except (TimeoutError, BlockingIOError):
-            self._drop_splice()
-            raise ChannelTimeoutError(
-                self.name,
-                f"could not write for {self._timeout:g} s at stream offset {self.bytes_written:#x}",
-                errno=errno.ETIMEDOUT,
-            ) from None
         except OSError as exc:
             self._drop_splice()
-            raise self._failure(
-                f"write failed at stream offset {self.bytes_written:#x}", exc
-            ) from exc
+            raise self._write_error(exc) from _cause(exc)
 
     def _splice_drain(self) -> None:
         assert self._splice is not None
         try:
             self._drain(self._splice)
-        except (TimeoutError, BlockingIOError):
+        except OSError as exc:
             self._drop_splice()
-            raise ChannelTimeoutError(
+            raise self._write_error(exc) from _cause(exc)
+
+    def _write_error(self, exc: OSError) -> ChannelError:
+        """What a failed write raises: a timeout, or the OS error, and where."""
+        if isinstance(exc, TimeoutError | BlockingIOError):
+            return ChannelTimeoutError(
                 self.name,
                 f"could not write for {self._timeout:g} s at stream offset {self.bytes_written:#x}",
                 errno=errno.ETIMEDOUT,
-            ) from None
-        except OSError as exc:
-            self._drop_splice()
-            raise self._failure(
-                f"write failed at stream offset {self.bytes_written:#x}", exc
-            ) from exc
+            )
+        return self._failure(f"write failed at stream offset {self.bytes_written:#x}", exc)
 
     def _drain(self, pipe: SplicePipe) -> None:
         while pipe.queued:
@@ -585,6 +569,11 @@ class Connections:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+def _cause(exc: OSError) -> OSError | None:
+    # A timeout says all there is to say; another error keeps the OS error as cause.
+    return None if isinstance(exc, TimeoutError | BlockingIOError) else exc
 
 
 def _byte_views(buffers: Sequence[Buffer]) -> list[memoryview]:
