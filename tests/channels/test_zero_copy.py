@@ -16,6 +16,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from multifd.channels import Channel, ChannelEOFError, ChannelError, ChannelTimeoutError
+from multifd.channels import channel as channel_module
 from multifd.channels.iovec import IOVec, buffer_address
 
 PAGE = 4096
@@ -214,3 +215,19 @@ def test_iovec_advance_keeps_exactly_the_bytes_not_yet_moved(
     rest = [(a + i) for a, n in iov.table[: iov.count].tolist() for i in range(n)]
     assert rest == everything[n:]
     assert iov.total == len(rest)
+
+
+def test_without_vmsplice_a_unix_socket_copies(
+    ram: np.ndarray, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A C library without vmsplice (not Linux) costs the lending, nothing else."""
+    monkeypatch.setattr(channel_module, "HAVE_VMSPLICE", False)
+    a, b = socket.socketpair(socket.AF_UNIX)
+    with Channel(a, "channel 0") as writer, Channel(b, "channel 0") as reader:
+        assert not writer.can_lend
+        before = ram[PAGE : 2 * PAGE].tobytes()
+        iov = IOVec()
+        iov.set_pages(buffer_address(ram), np.array([PAGE], dtype=np.uint64), PAGE)
+        writer.write_lent(b"h", iov)
+        ram[PAGE : 2 * PAGE] = 0
+        assert reader.read_exact(1 + PAGE) == b"h" + before

@@ -21,9 +21,12 @@ class _MsgHdr(ctypes.Structure):
 
 
 _libc = ctypes.CDLL(None, use_errno=True)
-_vmsplice = _libc.vmsplice
-_vmsplice.argtypes = (ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_uint)
-_vmsplice.restype = ctypes.c_ssize_t
+# A C library without vmsplice (not Linux) only loses the lending of pages.
+_vmsplice = getattr(_libc, "vmsplice", None)
+HAVE_VMSPLICE = _vmsplice is not None and hasattr(os, "splice")
+if _vmsplice is not None:
+    _vmsplice.argtypes = (ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_uint)
+    _vmsplice.restype = ctypes.c_ssize_t
 _recvmsg = _libc.recvmsg
 _recvmsg.argtypes = (ctypes.c_int, ctypes.c_void_p, ctypes.c_int)
 _recvmsg.restype = ctypes.c_ssize_t
@@ -36,6 +39,7 @@ def _error(call: str) -> OSError:
 
 def vmsplice(fd: int, iovecs: int, count: int, flags: int) -> int:
     """vmsplice(2) of `count` struct iovec at address `iovecs`."""
+    assert _vmsplice is not None, "check HAVE_VMSPLICE first"
     n = _vmsplice(fd, iovecs, count, flags)
     if n < 0:
         raise _error("vmsplice")

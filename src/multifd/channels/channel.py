@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 
-from ._libc import RecvMsg
+from ._libc import HAVE_VMSPLICE, RecvMsg
 from .errors import ChannelEOFError, ChannelError, ChannelTimeoutError, os_error_text
 from .iovec import IOVec
 from .splice import SplicePipe, unsent_bytes
@@ -104,7 +104,8 @@ class Channel:
         # reads them again to retransmit, and across hosts the peer's read is
         # not a copy the sender saves.
         self._can_lend = (
-            self._session is None
+            HAVE_VMSPLICE
+            and self._session is None
             and self._sock is not None
             and self._sock.family == socket.AF_UNIX
             and self._sock.type == socket.SOCK_STREAM
