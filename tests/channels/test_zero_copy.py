@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from multifd.channels import Channel, ChannelEOFError, ChannelError, ChannelTimeoutError
 from multifd.channels import channel as channel_module
 from multifd.channels.iovec import IOVec, buffer_address
+from multifd.channels.splice import SplicePipe
 
 PAGE = 4096
 
@@ -231,3 +232,17 @@ def test_without_vmsplice_a_unix_socket_copies(
         writer.write_lent(b"h", iov)
         ram[PAGE : 2 * PAGE] = 0
         assert reader.read_exact(1 + PAGE) == b"h" + before
+
+
+def test_a_pipe_that_takes_nothing_fails_the_write_rather_than_spin(
+    ram: np.ndarray, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(SplicePipe, "lend_iovec", lambda self, iov: 0)
+    a, b = socket.socketpair(socket.AF_UNIX)
+    with Channel(a, "channel 3") as writer, Channel(b, "channel 3") as reader:
+        iov = IOVec()
+        iov.set_pages(buffer_address(ram), np.array([0], dtype=np.uint64), PAGE)
+        expected = r"channel 3: write failed at stream offset 0x2: .*took no bytes"
+        with pytest.raises(ChannelError, match=expected):
+            writer.write_lent(b"hh", iov)
+        assert reader.read_exact(2) == b"hh"  # what went in before is in order

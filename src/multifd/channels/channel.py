@@ -394,11 +394,11 @@ class Channel:
             while view:
                 n = pipe.put(view)
                 if n == 0:  # the pipe is full
-                    self._drain(pipe)
+                    self._drain_full(pipe)
                 view = view[n:]
             while iov.total:
                 if pipe.lend_iovec(iov) == 0:
-                    self._drain(pipe)
+                    self._drain_full(pipe)
             if not more:
                 self._drain(pipe)
         except OSError as exc:
@@ -422,6 +422,11 @@ class Channel:
                 errno=errno.ETIMEDOUT,
             )
         return self._failure(f"write failed at stream offset {self.bytes_written:#x}", exc)
+
+    def _drain_full(self, pipe: SplicePipe) -> None:
+        if not pipe.queued:  # an empty pipe that takes nothing would loop forever
+            raise OSError(errno.EIO, "the pipe for lent pages took no bytes")
+        self._drain(pipe)
 
     def _drain(self, pipe: SplicePipe) -> None:
         while pipe.queued:
