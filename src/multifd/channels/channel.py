@@ -206,15 +206,8 @@ class Channel:
             n = self._recvmsg(self._fd, iov.address, iov.count, socket.MSG_WAITALL)
         except InterruptedError:
             n = 0
-        except (TimeoutError, BlockingIOError):
-            raise ChannelTimeoutError(
-                self.name,
-                f"no data for {self._timeout:g} s while reading {iov.total} bytes at stream "
-                f"offset {start:#x}",
-                errno=errno.ETIMEDOUT,
-            ) from None
         except OSError as exc:
-            raise self._failure(f"read failed at stream offset {start:#x}", exc) from exc
+            raise self._read_error(exc, iov.total, start, None) from _cause(exc)
         if n == iov.total:
             self.bytes_read = start + n
             return
@@ -326,15 +319,21 @@ class Channel:
                 return self._sock.recv_into(views[0], len(views[0]), socket.MSG_WAITALL)
             # MSG_WAITALL: one system call fills the whole list when data is flowing.
             return self._sock.recvmsg_into(views[:IOV_MAX], 0, socket.MSG_WAITALL)[0]
-        except (TimeoutError, BlockingIOError):
-            raise ChannelTimeoutError(
+        except OSError as exc:
+            raise self._read_error(exc, total, start, got) from _cause(exc)
+
+    def _read_error(self, exc: OSError, total: int, start: int, got: int | None) -> ChannelError:
+        """What a failed read of `total` bytes from stream offset `start` raises
+        (`got` of them read, when known): a timeout, or the OS error, and where."""
+        if isinstance(exc, TimeoutError | BlockingIOError):
+            progress = "" if got is None else f" ({got} read)"
+            return ChannelTimeoutError(
                 self.name,
                 f"no data for {self._timeout:g} s while reading {total} bytes at stream "
-                f"offset {start:#x} ({got} read)",
+                f"offset {start:#x}{progress}",
                 errno=errno.ETIMEDOUT,
-            ) from None
-        except OSError as exc:
-            raise self._failure(f"read failed at stream offset {start + got:#x}", exc) from exc
+            )
+        return self._failure(f"read failed at stream offset {start + (got or 0):#x}", exc)
 
     # ---- writing ---------------------------------------------------------------
 
