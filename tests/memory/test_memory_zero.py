@@ -4,11 +4,13 @@ non-zero byte anywhere in a page."""
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 from memory_support import BlockMaker, MiB
 
-from multifd.memory import PAGE_SIZE, zero_mask
+from multifd.memory import PAGE_SIZE, is_zero_rows, zero_mask
 
 
 @pytest.mark.parametrize("share", [0.4, 0.9], ids=["mostly-zero", "mostly-data"])
@@ -43,3 +45,31 @@ def test_zero_mask_edges(make_block: BlockMaker) -> None:
     assert zero_mask(block, [5, 5, 4]).tolist() == [False, False, True]
     with pytest.raises(IndexError, match=r"'pc.ram': zero check of pages 0..16 outside 0..15"):
         zero_mask(block, [0, 16])
+
+
+def test_is_zero_rows_gathers_in_steps_and_per_thread(make_block: BlockMaker) -> None:
+    """Scattered pages, more than one gather buffer's worth, repeats and any
+    order; two threads at once each get their own buffer (a shared one would
+    mix their pages up)."""
+    block = make_block("anonymous", 4 * MiB)
+    rows = block.page_rows(np.uint64)
+    rng = np.random.default_rng(5)
+    nonzero = rng.random(block.pages) < 0.5
+    pages = np.flatnonzero(nonzero)
+    rows[pages, rng.integers(0, PAGE_SIZE // 8, pages.size)] = 1 << 63  # one bit, anywhere
+    picks = [rng.integers(0, block.pages, 700).astype(np.intp) for _ in range(2)]
+    results: list[list[np.ndarray]] = [[], []]
+
+    def check(n: int) -> None:
+        for _ in range(20):
+            results[n].append(is_zero_rows(rows, picks[n]))
+
+    threads = [threading.Thread(target=check, args=(n,)) for n in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for n in range(2):
+        assert len(results[n]) == 20
+        for result in results[n]:
+            assert np.array_equal(result, ~nonzero[picks[n]])

@@ -17,7 +17,7 @@ from .tracking import (
     share_tracking,
     verify_keys,
 )
-from .zero import zero_mask
+from .zero import is_zero_rows, zero_mask
 
 __all__ = [
     "MAX_NAME_BYTES",
@@ -34,6 +34,7 @@ __all__ = [
     "TrackerUnavailable",
     "choose_tracker",
     "coalesce_runs",
+    "is_zero_rows",
     "page_hashes",
     "runs_to_indices",
     "share_tracking",

@@ -3,13 +3,38 @@ travel as a flag instead of 4096 bytes (QEMU's RAM_SAVE_FLAG_ZERO / zero_pages).
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import numpy.typing as npt
 
-from .block import RAMBlock
+from .block import PAGE_SIZE, RAMBlock
 
-# Gathering scattered pages copies them; 1024 pages (4 MiB) bounds that copy.
+# Pages per step of a whole-block scan.
 _CHUNK_PAGES = 1024
+# Gathered pages go through one small buffer per thread, reused: 1 MiB stays in
+# the CPU's cache between the copy and the check. A fresh buffer per batch, as
+# fancy indexing makes, costs twice the memory traffic (about 2x the time).
+_GATHER_PAGES = 256
+_scratch = threading.local()
+
+
+def is_zero_rows(
+    rows: npt.NDArray[np.uint64], pages: npt.NDArray[np.intp]
+) -> npt.NDArray[np.bool_]:
+    """Whether each row of `rows` listed in `pages` (indices known to be in
+    range) is all zero, gathered `_GATHER_PAGES` rows at a time."""
+    buffer: npt.NDArray[np.uint64] | None = getattr(_scratch, "buffer", None)
+    if buffer is None:
+        buffer = _scratch.buffer = np.empty((_GATHER_PAGES, PAGE_SIZE // 8), dtype=np.uint64)
+    zero = np.empty(len(pages), dtype=np.bool_)
+    for first in range(0, len(pages), _GATHER_PAGES):
+        chunk = pages[first : first + _GATHER_PAGES]
+        # mode="clip": with "raise", numpy gathers into a temporary and copies
+        # it into `out` again; the indices are in range here.
+        gathered = np.take(rows, chunk, axis=0, out=buffer[: len(chunk)], mode="clip")
+        np.equal(np.bitwise_or.reduce(gathered, axis=1), 0, out=zero[first : first + len(chunk)])
+    return zero
 
 
 def _zero_rows(rows: npt.NDArray[np.uint64]) -> npt.NDArray[np.bool_]:
@@ -23,7 +48,7 @@ def _zero_rows(rows: npt.NDArray[np.uint64]) -> npt.NDArray[np.bool_]:
         return zero
     zero = np.zeros(len(rows), dtype=np.bool_)
     if len(candidates):
-        zero[candidates] = np.bitwise_or.reduce(rows[candidates], axis=1) == 0
+        zero[candidates] = is_zero_rows(rows, candidates)
     return zero
 
 
@@ -51,8 +76,11 @@ def zero_mask(block: RAMBlock, indices: npt.ArrayLike | None = None) -> npt.NDAr
     # A run of adjacent pages (the common batch) is checked in place, without a copy.
     if high - low + 1 == pages.size and pages[0] == low and np.all(np.diff(pages) == 1):
         return _zero_rows(rows[low : high + 1])
-    mask = np.empty(pages.size, dtype=np.bool_)
-    for first in range(0, pages.size, _CHUNK_PAGES):
-        chunk = pages[first : first + _CHUNK_PAGES]
-        mask[first : first + chunk.size] = _zero_rows(rows[chunk])
+    # Scattered pages: their first words, then the candidates in full; never
+    # a copy of the whole batch.
+    pages = pages.astype(np.intp, copy=False)
+    mask = np.zeros(pages.size, dtype=np.bool_)
+    candidates = np.flatnonzero(rows[pages, 0] == 0)
+    if len(candidates):
+        mask[candidates] = is_zero_rows(rows, pages[candidates])
     return mask

@@ -24,7 +24,7 @@ from ..channels import (
     check_multifd,
     parse_uri,
 )
-from ..memory import RAMBlock, page_hashes, verify_keys
+from ..memory import RAMBlock, is_zero_rows, page_hashes, verify_keys
 from ..wire import (
     PROFILES,
     TARGET_PAGE_SIZE,
@@ -111,7 +111,6 @@ class MigrationDestination(Endpoint):
         self._return_path: ReturnPathWriter | None = None
         self.uri: str | None = None
         # 256 pages (1 MiB) through which runs of ZERO records are checked.
-        self._zero_scratch = np.empty((256, TARGET_PAGE_SIZE // 8), dtype=np.uint64)
         self._reset()
 
     # -- control --------------------------------------------------------------
@@ -450,17 +449,18 @@ class MigrationDestination(Endpoint):
         """Many zero pages at once; as for one, pages already zero stay untouched
         (never-touched memory stays unallocated)."""
         rows = array[: len(array) - len(array) % TARGET_PAGE_SIZE].reshape(-1, TARGET_PAGE_SIZE)
-        words = rows.view(np.uint64)
         pages = (offsets // np.uint64(TARGET_PAGE_SIZE)).astype(np.intp)
-        # Checked through one small reused buffer: gathering a whole run at once
-        # allocated (and the kernel zeroed) a buffer as big as the run.
-        scratch = self._zero_scratch
-        for first in range(0, len(pages), len(scratch)):
-            chunk = pages[first : first + len(scratch)]
-            gathered = np.take(words, chunk, axis=0, out=scratch[: len(chunk)])
-            written = np.bitwise_or.reduce(gathered, axis=1) != 0
+        if len(pages) and int(pages.max()) >= len(rows):
+            # Only the last, partial page of a block can be here (the decoder
+            # checked every offset against the block's length): one at a time.
+            for offset in offsets.tolist():
+                page = array[offset : offset + TARGET_PAGE_SIZE]
+                if page.any():
+                    page[:] = 0
+        else:
+            written = ~is_zero_rows(rows.view(np.uint64), pages)
             if written.any():
-                rows[chunk[written]] = 0
+                rows[pages[written]] = 0
         self.ram.duplicate += len(pages)
 
     def _sync(self, label: str) -> None:
