@@ -4,9 +4,11 @@ bytes on the wire, lending that really lends, reads cut short, and errors."""
 
 from __future__ import annotations
 
+import gc
 import mmap
 import os
 import socket
+import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -56,31 +58,84 @@ def _pages(ram: np.ndarray, offsets: np.ndarray) -> bytes:
     return b"".join(ram[o : o + PAGE].tobytes() for o in offsets.tolist())
 
 
-def test_write_lent_puts_header_then_pages_on_the_wire(
+def test_write_lent_puts_packets_on_the_wire(
     pair: tuple[Channel, Channel], ram: np.ndarray, background: Callable[..., Any]
 ) -> None:
-    """Two packets, the first left in the pipe (`more`): more pages than the
-    pipe holds, in a scattered order, arrive whole and in order."""
+    """Two writes of headers and pages, the first left in the pipe (`more`):
+    more ranges than one vmsplice takes (IOV_MAX) and more pages than the pipe
+    holds, in a scattered order, arrive whole and in order."""
     writer, reader = pair
-    first = np.arange(0, 700, 2, dtype=np.uint64) * PAGE  # 350 pages: more than 1 MiB
+    first = np.arange(0, 1024, dtype=np.uint64)[::-1].copy() * PAGE  # 1024 pages, 9 headers
     second = np.array([1023, 5, 6, 7, 900], dtype=np.uint64) * PAGE
-    iov = IOVec(512)
-    expected = b""
+    iov = IOVec(1100)
+    heads = [np.frombuffer(os.urandom(9 * 40), dtype=np.uint8), np.full(40, 7, dtype=np.uint8)]
+
+    def packets(head: np.ndarray, offsets: np.ndarray) -> bytes:
+        out = b""
+        for i in range(0, len(offsets), 128):
+            out += head[i // 128 * 40 : i // 128 * 40 + 40].tobytes()
+            out += _pages(ram, offsets[i : i + 128])
+        return out
+
+    expected = packets(heads[0], first) + packets(heads[1], second)
 
     def send() -> None:
-        nonlocal expected
-        for offsets, more in ((first, True), (second, False)):
-            iov.set_pages(buffer_address(ram), offsets, PAGE)
-            writer.write_lent(b"HEAD" * 8, iov, more=more)
+        for head, offsets, more in ((heads[0], first, True), (heads[1], second, False)):
+            iov.set_packets(buffer_address(head), 40, buffer_address(ram), offsets, PAGE, 128)
+            assert iov.count == len(offsets) + -(-len(offsets) // 128)
+            writer.write_lent(iov, keep=head, more=more)
             assert iov.total == 0
 
-    expected = b"HEAD" * 8 + _pages(ram, first) + b"HEAD" * 8 + _pages(ram, second)
     sender = background(send)
     got = reader.read_exact(len(expected))
     sender.result()
     assert got == expected
     assert writer.bytes_written == reader.bytes_read == len(expected)
     assert writer.can_lend is (writer._sock.family == socket.AF_UNIX)  # type: ignore[union-attr]
+
+
+def test_lent_headers_are_held_until_the_peer_reads_them(ram: np.ndarray) -> None:
+    """What `keep` owns (a batch's headers) stays referenced by the channel
+    while the peer has not read it, and is let go once it has."""
+    a, b = socket.socketpair(socket.AF_UNIX)
+    with Channel(a, "channel 0") as writer, Channel(b, "channel 0") as reader:
+        iov = IOVec()
+        head = np.full(16, 9, dtype=np.uint8)
+        gone = []
+        weakref.finalize(head, gone.append, True)
+        iov.set_packets(
+            buffer_address(head), 16, buffer_address(ram), np.array([0], dtype=np.uint64), PAGE, 128
+        )
+        writer.write_lent(iov, keep=head)
+        del head
+        gc.collect()
+        assert not gone  # the peer has read nothing: the channel holds it
+        assert reader.read_exact(16 + PAGE) == b"\x09" * 16 + ram[:PAGE].tobytes()
+        assert writer.wait_read(5.0)
+        gc.collect()
+        assert gone == [True]
+
+
+def test_lent_headers_already_read_are_let_go_while_writing(ram: np.ndarray) -> None:
+    """A long stream of lent writes holds only what the peer has not read yet,
+    not everything since the last wait_read."""
+    a, b = socket.socketpair(socket.AF_UNIX)
+    with Channel(a, "channel 0") as writer, Channel(b, "channel 0") as reader:
+        iov = IOVec()
+        gone: list[int] = []
+        for n in range(40):
+            head = np.full(8, n, dtype=np.uint8)
+            weakref.finalize(head, gone.append, n)
+            offsets = np.array([n * PAGE], dtype=np.uint64)
+            iov.set_packets(buffer_address(head), 8, buffer_address(ram), offsets, PAGE, 128)
+            writer.write_lent(iov, keep=head)
+            del head
+            assert reader.read_exact(8 + PAGE)[:8] == bytes([n]) * 8
+        gc.collect()
+        assert len(gone) >= 20  # let go of along the way
+        assert writer.wait_read(5.0)
+        gc.collect()
+        assert sorted(gone) == list(range(40))
 
 
 def test_a_unix_socket_lends_pages_until_the_peer_reads_them(ram: np.ndarray) -> None:
@@ -90,10 +145,10 @@ def test_a_unix_socket_lends_pages_until_the_peer_reads_them(ram: np.ndarray) ->
     with Channel(a, "channel 0") as writer, Channel(b, "channel 0") as reader:
         iov = IOVec()
         iov.set_pages(buffer_address(ram), np.array([3 * PAGE], dtype=np.uint64), PAGE)
-        writer.write_lent(b"h", iov)
+        writer.write_lent(iov)
         assert not writer.wait_read(0.02)
         ram[3 * PAGE : 4 * PAGE] = 0xAB
-        assert reader.read_exact(1 + PAGE) == b"h" + b"\xab" * PAGE
+        assert reader.read_exact(PAGE) == b"\xab" * PAGE
         assert writer.wait_read(5.0)
 
 
@@ -103,7 +158,7 @@ def test_tcp_copies_at_the_write(ram: np.ndarray) -> None:
         before = ram[:PAGE].tobytes()
         iov = IOVec()
         iov.set_pages(buffer_address(ram), np.array([0], dtype=np.uint64), PAGE)
-        writer.write_lent(b"", iov)
+        writer.write_lent(iov)
         assert writer.wait_read(0)  # nothing lent
         ram[:PAGE] = 0
         assert reader.read_exact(PAGE) == before
@@ -119,7 +174,7 @@ def test_write_lent_to_a_closed_peer_names_the_channel_and_leaves_no_pipe(
         iov = IOVec()
         iov.set_pages(buffer_address(ram), np.arange(128, dtype=np.uint64) * PAGE, PAGE)
         with pytest.raises(ChannelError) as info:
-            writer.write_lent(b"x" * 100, iov)
+            writer.write_lent(iov)
         assert str(info.value).startswith("channel 4: write failed at stream offset 0x")
         assert "Broken pipe" in str(info.value) or "Connection reset" in str(info.value)
     assert set(os.listdir("/proc/self/fd")) <= fds_before
@@ -132,7 +187,7 @@ def test_write_lent_times_out_when_the_peer_does_not_read(ram: np.ndarray) -> No
         with pytest.raises(ChannelTimeoutError, match=r"channel 1: could not write for 0\.05 s"):
             for _ in range(64):  # 256 MiB: far beyond what the socket buffers hold
                 iov.set_pages(buffer_address(ram), np.arange(1024, dtype=np.uint64) * PAGE, PAGE)
-                writer.write_lent(b"", iov)
+                writer.write_lent(iov)
 
 
 def test_read_iovec_fills_pages_in_place(
@@ -229,9 +284,9 @@ def test_without_vmsplice_a_unix_socket_copies(
         before = ram[PAGE : 2 * PAGE].tobytes()
         iov = IOVec()
         iov.set_pages(buffer_address(ram), np.array([PAGE], dtype=np.uint64), PAGE)
-        writer.write_lent(b"h", iov)
+        writer.write_lent(iov)
         ram[PAGE : 2 * PAGE] = 0
-        assert reader.read_exact(1 + PAGE) == b"h" + before
+        assert reader.read_exact(PAGE) == before
 
 
 def test_a_pipe_that_takes_nothing_fails_the_write_rather_than_spin(
@@ -241,8 +296,9 @@ def test_a_pipe_that_takes_nothing_fails_the_write_rather_than_spin(
     a, b = socket.socketpair(socket.AF_UNIX)
     with Channel(a, "channel 3") as writer, Channel(b, "channel 3") as reader:
         iov = IOVec()
+        writer.write_all(b"hh")
         iov.set_pages(buffer_address(ram), np.array([0], dtype=np.uint64), PAGE)
         expected = r"channel 3: write failed at stream offset 0x2: .*took no bytes"
         with pytest.raises(ChannelError, match=expected):
-            writer.write_lent(b"hh", iov)
+            writer.write_lent(iov)
         assert reader.read_exact(2) == b"hh"  # what went in before is in order

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import numpy as np
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from wire_support import (
@@ -47,6 +49,7 @@ from multifd.wire import (
     State,
     VMCommand,
     VMDescription,
+    page_packet_headers,
 )
 from multifd.wire.stream import (
     read_command,
@@ -295,3 +298,44 @@ def test_sync_packet_round_trips_and_carries_no_pages(layout: PacketLayout, num:
     # No pages: QEMU looks at neither the block name nor the compression bits.
     name, offsets = decoded.check_pages({}, Compression.ZSTD)
     assert name == "" and len(offsets) == 0
+
+
+@PROPERTY
+@given(st.data(), layouts, st.sampled_from(list(Compression)))
+def test_batch_headers_are_the_packets_for_pages_gives(
+    data: st.DataObject, layout: PacketLayout, compression: Compression
+) -> None:
+    """page_packet_headers (the source's batch encoder) gives, row by row,
+    exactly what building each packet alone gives: split at PAGES_PER_PACKET,
+    numbered on, and each decodes with its own pages."""
+    pages = data.draw(st.lists(st.integers(0, 1 << 20), min_size=1, max_size=3 * PAGES_PER_PACKET))
+    offsets = np.array(pages, dtype=np.uint64) * TARGET_PAGE_SIZE
+    first = data.draw(st.integers(0, (1 << 64) - 4))
+    count = -(-len(pages) // PAGES_PER_PACKET)
+    sizes = None
+    if compression is not Compression.NONE:
+        size = st.integers(1, 2 * PAGES_PER_PACKET * TARGET_PAGE_SIZE)  # QEMU's bound
+        sizes = np.array(data.draw(st.lists(size, min_size=count, max_size=count)))
+    name = data.draw(st.sampled_from(["pc.ram", "mem", "é" * 127]))
+    headers = page_packet_headers(
+        name, offsets, first, flags=compression.flag, payload_sizes=sizes, layout=layout
+    )
+    assert headers.shape == (count, PACKET_HEADER_SIZE)
+    for i in range(count):
+        part = offsets[i * PAGES_PER_PACKET : (i + 1) * PAGES_PER_PACKET]
+        expected = MultiFDPacket.for_pages(
+            name,
+            part,
+            flags=compression.flag,
+            packet_num=first + i,
+            payload_size=len(part) * TARGET_PAGE_SIZE if sizes is None else int(sizes[i]),
+            layout=layout,
+        ).pack()
+        assert headers[i].tobytes() == expected
+        decoded = MultiFDPacket.unpack(headers[i].tobytes(), layout=layout)
+        assert decoded.check_pages({name: 1 << 33}, compression)[1].tolist() == part.tolist()
+
+
+def test_batch_headers_refuse_an_empty_batch() -> None:
+    with pytest.raises(ValueError, match="at least one page"):
+        page_packet_headers("pc.ram", np.array([], dtype=np.uint64), 0, flags=0)

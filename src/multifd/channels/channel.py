@@ -15,24 +15,20 @@ import struct
 import subprocess
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 
 from ._libc import HAVE_VMSPLICE, RecvMsg
 from .errors import ChannelEOFError, ChannelError, ChannelTimeoutError, os_error_text
-from .iovec import IOVec
+from .iovec import IOV_MAX, IOVec
 from .splice import SplicePipe, unsent_bytes
 from .tls import describe_ssl_error
 from .tls_session import TLSSession
 
 # Anything the buffer protocol accepts: bytes, bytearray, memoryview, numpy arrays…
 Buffer = bytes | bytearray | memoryview
-
-try:
-    IOV_MAX = os.sysconf("SC_IOV_MAX")
-except (ValueError, OSError):  # pragma: no cover - every Linux has it
-    IOV_MAX = 1024
 
 # A finished exec: command gets this long to exit after its pipe is closed before it
 # is killed; killing earlier could cut short a command still writing out the stream.
@@ -41,6 +37,8 @@ EXEC_EXIT_TIMEOUT = 30.0
 _READ_CHUNK = 64 * 1024
 # Capped by net.core.wmem_max (4 MiB on this class of machine).
 UNIX_SNDBUF = 4 << 20
+# Owners of lent memory held before the peer's progress is asked (SIOCOUTQ).
+_HELD_CHECK = 16
 # struct linger {l_onoff = 1, l_linger = 0}: close() sends a reset.
 _LINGER_RESET = struct.pack("ii", 1, 0)
 
@@ -111,6 +109,8 @@ class Channel:
             and self._sock.type == socket.SOCK_STREAM
         )
         self._splice: SplicePipe | None = None
+        # What write_lent holds for the peer to read: (stream offset after it, owner).
+        self._held: deque[tuple[int, object]] = deque()
         # Plain sockets read struct iovec tables with one recvmsg(2) (read_iovec).
         self._recvmsg = RecvMsg() if self._sock is not None and self._session is None else None
         self.timeout = timeout
@@ -373,36 +373,44 @@ class Channel:
         """Whether `write_lent` lends pages here (a plain unix stream socket)."""
         return self._can_lend
 
-    def write_lent(self, head: Buffer, iov: IOVec, *, more: bool = False) -> None:
-        """Write `head` (copied), then the memory in `iov` without copying it:
-        lent to the kernel (vmsplice into a pipe, splice into the socket, see
-        splice.py) where `can_lend`. The peer reads that memory when it reads
+    def write_lent(self, iov: IOVec, *, keep: object = None, more: bool = False) -> None:
+        """Write the memory in `iov` without copying it: lent to the kernel
+        (vmsplice into a pipe, splice into the socket, see splice.py) where
+        `can_lend`, copied elsewhere. The peer reads that memory when it reads
         the bytes: the caller keeps it mapped, and accepts that what it writes
-        there meanwhile goes out. `wait_read()` tells when the peer has read
-        everything. With `more`, bytes may wait in the pipe for the next call
-        (any other write sends them first). `iov` is consumed."""
+        there meanwhile goes out. `keep`, the owner of memory in `iov` that must
+        not change (a packet's header), is held here until the peer has read
+        it. `wait_read()` tells when the peer has read everything. With `more`,
+        bytes may wait in the pipe for the next call (any other write sends them
+        first). `iov` is consumed."""
         if not self._can_lend:
-            self.writev_all([head, *iov.views()])
+            self.writev_all(iov.views())
             iov.advance(iov.total)
             return
         try:
             if self._splice is None:
                 self._splice = SplicePipe()
             pipe = self._splice
-            view = memoryview(head).cast("B")
-            while view:
-                n = pipe.put(view)
-                if n == 0:  # the pipe is full
-                    self._drain_full(pipe)
-                view = view[n:]
             while iov.total:
                 if pipe.lend_iovec(iov) == 0:
                     self._drain_full(pipe)
+            if keep is not None:
+                self._hold(keep, self.bytes_written + pipe.queued)
             if not more:
                 self._drain(pipe)
         except OSError as exc:
             self._drop_splice()
             raise self._write_error(exc) from _cause(exc)
+
+    def _hold(self, keep: object, end: int) -> None:
+        """Keep `keep` until the peer has read up to stream offset `end`; let go
+        of what it has read (one SIOCOUTQ now and then: the unread bytes)."""
+        held = self._held
+        if len(held) >= _HELD_CHECK:
+            read = self.bytes_written - unsent_bytes(self._fd)
+            while held and held[0][0] <= read:
+                held.popleft()
+        held.append((end, keep))
 
     def _splice_drain(self) -> None:
         assert self._splice is not None
@@ -432,10 +440,12 @@ class Channel:
             self.bytes_written += pipe.drain_some(self._fd)
 
     def _drop_splice(self) -> None:
-        # What a failed write left in the pipe can never go out in order.
+        # What a failed write left in the pipe can never go out in order; a
+        # peer that still reads the socket gets a stream that failed anyway.
         if self._splice is not None:
             self._splice.close()
             self._splice = None
+        self._held.clear()
 
     def wait_read(self, timeout: float | None) -> bool:
         """Wait until the peer has read every byte written (lent pages are then
@@ -449,6 +459,7 @@ class Channel:
                 return False
             try:
                 if unsent_bytes(self._fd) <= 0:
+                    self._held.clear()
                     return True
             except OSError:
                 return True  # a shut-down or broken socket no longer holds pages

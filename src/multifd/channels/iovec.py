@@ -11,11 +11,17 @@ to close), and checks every range against the block first.
 from __future__ import annotations
 
 import ctypes
+import os
 
 import numpy as np
 
 # Byte ranges per table: a packet's 128 pages, and what a read fetches with them.
 IOVEC_CAPACITY = 256
+# Ranges one system call takes.
+try:
+    IOV_MAX = os.sysconf("SC_IOV_MAX")
+except (ValueError, OSError):  # pragma: no cover - every Linux has it
+    IOV_MAX = 1024
 
 
 def buffer_address(buffer: bytearray | memoryview | np.ndarray) -> int:
@@ -42,6 +48,35 @@ class IOVec:
         self.table[:n, 1] = size
         self.count = n
         self.total = n * size
+
+    def set_packets(
+        self,
+        headers: int,
+        header_size: int,
+        base: int,
+        offsets: np.ndarray,
+        size: int,
+        per_packet: int,
+    ) -> None:
+        """Packets as they go on the wire: a header of `header_size` bytes (the
+        headers lie one after another from address `headers`), then up to
+        `per_packet` ranges of `size` bytes at `base + offset`, for `offsets`
+        taken `per_packet` at a time (checked by the caller, as for set_pages)."""
+        n = len(offsets)
+        packets = -(-n // per_packet)
+        rows = n + packets
+        table = self.table[:rows]
+        header_rows = np.arange(packets) * (per_packet + 1)
+        table[header_rows, 0] = np.uint64(headers) + np.arange(
+            packets, dtype=np.uint64
+        ) * np.uint64(header_size)
+        table[header_rows, 1] = header_size
+        page = np.arange(n)
+        page_rows = page + page // per_packet + 1  # after its packet's header
+        table[page_rows, 0] = np.asarray(offsets, dtype=np.uint64) + np.uint64(base)
+        table[page_rows, 1] = size
+        self.count = rows
+        self.total = packets * header_size + n * size
 
     def append(self, address: int, length: int) -> None:
         """One more range at the end."""

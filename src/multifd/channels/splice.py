@@ -16,7 +16,7 @@ import fcntl
 import os
 
 from ._libc import vmsplice
-from .iovec import IOVec
+from .iovec import IOV_MAX, IOVec
 
 # Each lent page takes a slot of the pipe; /proc/sys/fs/pipe-max-size (1 MiB by
 # default) caps what an unprivileged process may ask for, hence the fallbacks.
@@ -59,7 +59,7 @@ class SplicePipe:
         """Lend the ranges of `iov` to the pipe; returns how many bytes went in
         (0: full). What did not fit is still in `iov`, advanced."""
         try:
-            n = vmsplice(self._write_fd, iov.address, iov.count, _SPLICE_F_NONBLOCK)
+            n = vmsplice(self._write_fd, iov.address, min(iov.count, IOV_MAX), _SPLICE_F_NONBLOCK)
         except BlockingIOError:
             return 0
         self.queued += n

@@ -16,8 +16,6 @@ of them have (QEMU's multifd_send_sync_main).
 
 from __future__ import annotations
 
-import bisect
-import itertools
 import threading
 import time
 from collections import deque
@@ -35,6 +33,7 @@ from ..wire import (
     Compression,
     MultiFDPacket,
     PacketLayout,
+    page_packet_headers,
 )
 from .compression import Compressor, make_compressor
 from .stats import ChannelStats, MigrationAborted
@@ -48,21 +47,25 @@ QUEUE_PAGES = 2 * BATCH_PAGES
 
 
 @dataclass
-class _Packet:
-    packet_num: int
-    pages: np.ndarray  # page indices inside the block, ≤128
-
-
-@dataclass
 class _Batch:
+    """Packets of one block, numbered on from `first_num`, PAGES_PER_PACKET
+    pages each (the last may hold fewer); or one SYNC packet."""
+
     block_name: str = ""
     buffer: memoryview | None = None
-    packets: list[_Packet] = field(default_factory=list)
+    pages: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
+    first_num: int = 0
     sync_num: int | None = None  # a SYNC packet instead of pages
 
     @property
     def page_count(self) -> int:
-        return sum(len(p.pages) for p in self.packets)
+        return len(self.pages)
+
+    def packet_pages(self) -> list[np.ndarray]:
+        return [
+            self.pages[i : i + PAGES_PER_PACKET]
+            for i in range(0, len(self.pages), PAGES_PER_PACKET)
+        ]
 
 
 @dataclass
@@ -75,7 +78,8 @@ class _SendChannel:
     queued_pages: int = 0
     syncs_written: int = 0
     thread: threading.Thread | None = None
-    iov: IOVec = field(default_factory=IOVec)
+    # A batch as it goes on the wire: each packet's header, then its pages.
+    iov: IOVec = field(default_factory=lambda: IOVec(BATCH_PAGES + BATCH_PAGES // PAGES_PER_PACKET))
 
 
 def byte_runs(offsets: np.ndarray, size: int) -> zip:
@@ -112,7 +116,7 @@ class MultifdSender:
         self._compression = compression
         self._layout = layout
         self._on_error = on_error
-        self._packet_nums = itertools.count()
+        self._packet_num = 0  # the next packet's number
         self._next = 0  # where the search for the least loaded channel starts
         # Bytes handed to the channels, header included (uncompressed size):
         # what the bandwidth limit counts, as QEMU counts a packet when queued.
@@ -147,14 +151,13 @@ class MultifdSender:
                 self._wait(lambda: any(sc.queued_pages < QUEUE_PAGES for sc in self.channels))
                 sc = self._least_loaded()
                 # Numbered when queued, as QEMU numbers a packet when a channel takes it.
-                packets = [
-                    _Packet(next(self._packet_nums), chunk[i : i + PAGES_PER_PACKET])
-                    for i in range(0, len(chunk), PAGES_PER_PACKET)
-                ]
-                sc.queue.append(_Batch(block_name, buffer, packets))
+                packets = -(-len(chunk) // PAGES_PER_PACKET)
+                first_num = self._packet_num
+                self._packet_num += packets
+                sc.queue.append(_Batch(block_name, buffer, chunk, first_num))
                 sc.queued_pages += len(chunk)
                 sc.wakeup.notify()
-            self.queued_bytes += len(packets) * PACKET_HEADER_SIZE + len(chunk) * TARGET_PAGE_SIZE
+            self.queued_bytes += packets * PACKET_HEADER_SIZE + len(chunk) * TARGET_PAGE_SIZE
         return len(pages) * TARGET_PAGE_SIZE
 
     def sync(self) -> None:
@@ -164,7 +167,8 @@ class MultifdSender:
             targets = []
             for sc in self.channels:
                 self.queued_bytes += PACKET_HEADER_SIZE
-                sc.queue.append(_Batch(sync_num=next(self._packet_nums)))
+                sc.queue.append(_Batch(sync_num=self._packet_num))
+                self._packet_num += 1
                 targets.append(sc.syncs_written + 1)
                 sc.wakeup.notify()
             self._wait(
@@ -272,70 +276,67 @@ class MultifdSender:
         if sc.compressor is None and sc.channel.can_lend and not batch.buffer.readonly:
             self._write_lent(sc, batch)
             return
+        buffer = batch.buffer
+        offsets = batch.pages.astype(np.uint64) * np.uint64(TARGET_PAGE_SIZE)
+        payloads: list[list] = []
+        for part in batch.packet_pages():
+            views = [buffer[a:b] for a, b in byte_runs(part * TARGET_PAGE_SIZE, TARGET_PAGE_SIZE)]
+            payloads.append(views if sc.compressor is None else [sc.compressor.compress(views)])
+        sizes = np.array([sum(map(len, p)) for p in payloads], dtype=np.uint64)
+        headers = page_packet_headers(
+            batch.block_name,
+            offsets,
+            batch.first_num,
+            flags=self._compression.flag,
+            payload_sizes=sizes,
+            layout=self._layout,
+        )
         parts: list = []
-        ends: list[int] = []  # the stream offset at which each packet ends
-        offset = sc.channel.bytes_written
-        for packet in batch.packets:
-            header, payload, size = self._encode(sc.compressor, batch, packet)
+        for header, payload in zip(headers, payloads, strict=True):
             parts.append(header)
             parts.extend(payload)
-            offset += len(header) + size
-            ends.append(offset)
         start = sc.channel.bytes_written
         try:
             sc.channel.writev_all(parts)
         finally:
-            # Count what went out, so an error names the packet it broke in.
-            done = bisect.bisect_right(ends, sc.channel.bytes_written)
-            stats.bytes += sc.channel.bytes_written - start
-            stats.packets += done
-            stats.pages += sum(len(p.pages) for p in batch.packets[:done])
+            self._count_written(sc, batch, start, sizes)
 
     def _write_lent(self, sc: _SendChannel, batch: _Batch) -> None:
-        """Each packet's header, then its pages lent rather than copied (see
+        """The batch's headers and pages, lent rather than copied (see
         channels/splice.py); the source's completion waits until they are read."""
         assert batch.buffer is not None
-        stats = sc.stats
-        base = buffer_address(batch.buffer)
-        last = len(batch.packets) - 1
-        for i, packet in enumerate(batch.packets):
-            offsets = packet.pages * TARGET_PAGE_SIZE
-            header = MultiFDPacket.for_pages(
-                batch.block_name,
-                offsets,
-                flags=self._compression.flag,
-                packet_num=packet.packet_num,
-                payload_size=len(offsets) * TARGET_PAGE_SIZE,
-                layout=self._layout,
-            ).pack()
-            sc.iov.set_pages(base, offsets, TARGET_PAGE_SIZE)
-            # Pages wait in the pipe for the next packet's, up to the batch's end.
-            sc.channel.write_lent(header, sc.iov, more=i < last)
-            stats.bytes += len(header) + len(offsets) * TARGET_PAGE_SIZE
-            stats.packets += 1
-            stats.pages += len(offsets)
-
-    def _encode(
-        self, compressor: Compressor | None, batch: _Batch, packet: _Packet
-    ) -> tuple[bytes, list, int]:
-        """A packet's header and payload buffers, and the payload's size."""
-        assert batch.buffer is not None
-        buffer = batch.buffer
-        offsets = packet.pages * TARGET_PAGE_SIZE
-        views = [buffer[start:end] for start, end in byte_runs(offsets, TARGET_PAGE_SIZE)]
-        if compressor is None:
-            payload: list = views
-            size = len(packet.pages) * TARGET_PAGE_SIZE
-        else:
-            compressed = compressor.compress(views)
-            payload = [compressed]
-            size = len(compressed)
-        header = MultiFDPacket.for_pages(
+        offsets = batch.pages.astype(np.uint64) * np.uint64(TARGET_PAGE_SIZE)
+        headers = page_packet_headers(
             batch.block_name,
             offsets,
+            batch.first_num,
             flags=self._compression.flag,
-            packet_num=packet.packet_num,
-            payload_size=size,
             layout=self._layout,
-        ).pack()
-        return header, payload, size
+        )
+        sc.iov.set_packets(
+            buffer_address(headers),
+            PACKET_HEADER_SIZE,
+            buffer_address(batch.buffer),
+            offsets,
+            TARGET_PAGE_SIZE,
+            PAGES_PER_PACKET,
+        )
+        sizes = np.array([len(p) for p in batch.packet_pages()], dtype=np.uint64)
+        sizes *= np.uint64(TARGET_PAGE_SIZE)
+        start = sc.channel.bytes_written
+        try:
+            # The headers are lent too: the channel holds them until they are read.
+            sc.channel.write_lent(sc.iov, keep=headers)
+        finally:
+            self._count_written(sc, batch, start, sizes)
+
+    @staticmethod
+    def _count_written(sc: _SendChannel, batch: _Batch, start: int, sizes: np.ndarray) -> None:
+        """Count what went out of a batch whose packets' payloads have `sizes`,
+        so that an error names the packet it broke in."""
+        written = sc.channel.bytes_written - start
+        ends = np.cumsum(sizes + np.uint64(PACKET_HEADER_SIZE))
+        done = int(np.searchsorted(ends, written, side="right"))
+        sc.stats.bytes += written
+        sc.stats.packets += done
+        sc.stats.pages += min(done * PAGES_PER_PACKET, len(batch.pages))

@@ -418,6 +418,70 @@ _HEAD_START = struct.Struct(">IIIIIIQ")
 _RAMBLOCK_AT = HEADER_FIXED_SIZE - RAMBLOCK_FIELD_SIZE
 
 
+def _header_dtype(layout: PacketLayout) -> np.dtype:
+    """One packet header as a numpy record: the struct layouts above, field by field."""
+    fields: list = [
+        ("magic", ">u4"),
+        ("version", ">u4"),
+        ("flags", ">u4"),
+        ("pages_alloc", ">u4"),
+        ("normal_pages", ">u4"),
+        ("next_packet_size", ">u4"),
+        ("packet_num", ">u8"),
+    ]
+    if layout is PacketLayout.V7_2:
+        fields.append(("unused", "V32"))
+    else:
+        fields += [("zero_pages", ">u4"), ("unused", "V28")]
+    fields += [("ramblock", f"S{RAMBLOCK_FIELD_SIZE}"), ("offsets", ">u8", (PAGES_PER_PACKET,))]
+    dtype = np.dtype(fields)
+    assert dtype.itemsize == PACKET_HEADER_SIZE
+    return dtype
+
+
+_HEADER_DTYPES = {layout: _header_dtype(layout) for layout in PacketLayout}
+
+
+def page_packet_headers(
+    block: str,
+    offsets: np.ndarray,
+    first_packet_num: int,
+    *,
+    flags: int,
+    payload_sizes: np.ndarray | None = None,
+    layout: PacketLayout = PacketLayout.V7_2,
+) -> np.ndarray:
+    """The headers of the data packets that carry the normal pages at byte
+    `offsets`, PAGES_PER_PACKET to a packet (the last may hold fewer), numbered
+    from `first_packet_num`: one (packets, PACKET_HEADER_SIZE) uint8 array,
+    each row what `MultiFDPacket.for_pages(...).pack()` gives for its packet.
+    `payload_sizes` (one per packet) default to the pages' bytes, uncompressed.
+
+    A batch at a time: building packet objects one by one cost more Python
+    than the kernel spends moving a packet's pages."""
+    offsets = np.asarray(offsets, dtype=np.uint64)
+    if not len(offsets):
+        raise ValueError("a data packet needs at least one page")
+    count = -(-len(offsets) // PAGES_PER_PACKET)
+    headers = np.zeros(count, dtype=_HEADER_DTYPES[layout])
+    headers["magic"] = MULTIFD_MAGIC
+    headers["version"] = MULTIFD_VERSION
+    headers["flags"] = flags
+    headers["pages_alloc"] = PAGES_PER_PACKET
+    normal = np.full(count, PAGES_PER_PACKET, dtype=np.uint32)
+    normal[-1] = len(offsets) - PAGES_PER_PACKET * (count - 1)
+    headers["normal_pages"] = normal
+    headers["next_packet_size"] = (
+        normal * TARGET_PAGE_SIZE if payload_sizes is None else payload_sizes
+    )
+    headers["packet_num"] = np.arange(first_packet_num, first_packet_num + count, dtype=np.uint64)
+    headers["ramblock"] = block.encode("utf-8")
+    slots = np.zeros(count * PAGES_PER_PACKET, dtype=np.uint64)
+    slots[: len(offsets)] = offsets
+    headers["offsets"] = slots.reshape(count, PAGES_PER_PACKET)
+    return headers.view(np.uint8).reshape(count, PACKET_HEADER_SIZE)
+
+
 def plain_pages_header(header: bytes | bytearray) -> tuple[int, int, bytes] | None:
     """The receiver's shortcut for the common packet: an uncompressed packet of
     normal pages in the 7.2 layout, with no flag set and counts QEMU accepts.
