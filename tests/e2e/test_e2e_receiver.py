@@ -13,6 +13,7 @@ import pytest
 
 from multifd.channels import Channel
 from multifd.migration.multifd_recv import MultifdReceiver
+from multifd.migration.received import ReceivedPages
 from multifd.wire import PACKET_HEADER_SIZE, Compression, MultiFDPacket
 
 PAGE = 4096
@@ -37,7 +38,7 @@ def receiver() -> Iterator[tuple[MultifdReceiver, socket.socket, np.ndarray, lis
         compression=Compression.NONE,
         on_error=errors.append,
     )
-    rx.set_blocks({"pc.ram": block})
+    rx.set_blocks({"pc.ram": block}, ReceivedPages({}))
     rx.start()
     try:
         yield rx, theirs, block, errors

@@ -120,6 +120,9 @@ class RAMBlock:
         self._path = path
         self._mark_logs: list[MarkLog] = []
         self._mark_logs_lock = threading.Lock()
+        # Zeroed memory that no writable view or descriptor has been handed out
+        # for yet (see take_untouched): the constructors that make it say so.
+        self._untouched = False
 
     # -- constructors ----------------------------------------------------------------
 
@@ -131,7 +134,7 @@ class RAMBlock:
         flags = mmap.MAP_SHARED if shared else mmap.MAP_PRIVATE
         mapping = mmap.mmap(-1, size, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE)
         kind = "shared-anonymous" if shared else "anonymous"
-        return cls(name, mapping, kind=kind, mapping=mapping)
+        return cls(name, mapping, kind=kind, mapping=mapping)._fresh()
 
     @classmethod
     def from_file(
@@ -159,6 +162,7 @@ class RAMBlock:
         # The mapping keeps the file alive; the fd is not needed once it exists.
         try:
             length = os.fstat(fd).st_size
+            fresh = length == 0  # what ftruncate adds to an empty file reads as zeros
             if size is None:
                 if length == 0:
                     raise ValueError(f"RAMBlock {name!r}: file {path!r} is empty; pass size=")
@@ -173,7 +177,8 @@ class RAMBlock:
             mapping = mmap.mmap(fd, size, flags=mmap.MAP_SHARED)
         finally:
             os.close(fd)
-        return cls(name, mapping, kind="file", mapping=mapping, path=path)
+        block = cls(name, mapping, kind="file", mapping=mapping, path=path)
+        return block._fresh() if fresh else block
 
     @classmethod
     def memfd(cls, name: str, size: int) -> RAMBlock:
@@ -189,13 +194,17 @@ class RAMBlock:
         except BaseException:
             os.close(fd)
             raise
-        return cls(name, mapping, kind="memfd", mapping=mapping, fd=fd)
+        return cls(name, mapping, kind="memfd", mapping=mapping, fd=fd)._fresh()
 
     @classmethod
     def from_buffer(cls, name: str, memory: Any) -> RAMBlock:
         """The application's own writable buffer (bytearray, numpy array, mmap…),
         used in place: no copy, and `close()` leaves it alone."""
         return cls(name, memory)
+
+    def _fresh(self) -> Self:
+        self._untouched = True
+        return self
 
     # -- what it is ------------------------------------------------------------------
 
@@ -228,6 +237,7 @@ class RAMBlock:
     @property
     def fd(self) -> int | None:
         """The memfd of a `memfd` block, else None."""
+        self._untouched = False  # another process may map it and write
         return self._fd
 
     @property
@@ -244,14 +254,31 @@ class RAMBlock:
         """The whole block as a writable 1-D memoryview of bytes."""
         if self._buffer is None:
             raise ValueError(f"RAMBlock {self._name!r} is closed")
+        self._untouched = False
         return self._buffer
 
     @property
     def array(self) -> npt.NDArray[np.uint8]:
         """The whole block as a writable numpy uint8 array (a view, not a copy)."""
+        array = self._open_array()
+        self._untouched = False
+        return array
+
+    def _open_array(self) -> npt.NDArray[np.uint8]:
         if self._array is None:
             raise ValueError(f"RAMBlock {self._name!r} is closed")
         return self._array
+
+    def take_untouched(self) -> bool:
+        """Whether the block still holds the zeros it was made with, as far as
+        it can tell: fresh memory (`anonymous`, `memfd`, a file `from_file`
+        created) for which no writable view (`array`, `buffer`, `page`,
+        `page_rows`) or descriptor (`fd`) has been handed out. A destination
+        asks once, before it writes: it then need not check or clear a zero
+        page it has not written itself (as QEMU trusts its fresh RAM). Later
+        calls say False: the caller has taken the memory over."""
+        untouched, self._untouched = self._untouched, False
+        return untouched
 
     def page_rows(self, dtype: npt.DTypeLike = np.uint8) -> npt.NDArray[Any]:
         """The block as a (pages, page_size // itemsize) array of `dtype`, no copy."""
@@ -269,7 +296,9 @@ class RAMBlock:
 
     def sha256(self) -> str:
         """Hex SHA-256 of the whole block, to compare two blocks' contents."""
-        return hashlib.sha256(self.buffer).hexdigest()
+        if self._buffer is None:
+            raise ValueError(f"RAMBlock {self._name!r} is closed")
+        return hashlib.sha256(self._buffer).hexdigest()
 
     # -- preparing and marking -------------------------------------------------------
 
@@ -282,7 +311,7 @@ class RAMBlock:
         """
         if self._populate(_linux.MADV_POPULATE_WRITE, "MADV_POPULATE_WRITE"):
             return
-        array = self.array
+        array = self._open_array()  # adding 0 leaves an untouched block untouched
         array[::PAGE_SIZE] += 0
         array[-1:] += 0  # an unaligned buffer's last byte may sit in one more page
 
@@ -296,7 +325,7 @@ class RAMBlock:
             return
         if self._populate(_linux.MADV_POPULATE_READ, "MADV_POPULATE_READ", offset, end):
             return
-        array = self.array[offset:end]
+        array = self._open_array()[offset:end]
         int(array[::PAGE_SIZE].sum()) + int(array[-1])
 
     def _populate(self, advice: int, label: str, offset: int = 0, end: int | None = None) -> bool:

@@ -57,6 +57,7 @@ from .endpoint import Endpoint
 from .multifd_recv import MultifdReceiver
 from .params import MigrationSettings
 from .qemufile import QEMUFileReader
+from .received import ReceivedPages
 from .return_path import SHUT_FAILED, SHUT_OK, ReturnPathWriter
 from .state import MigrationState, MigrationStatus
 from .stats import MigrationAborted, RamStats
@@ -110,7 +111,8 @@ class MigrationDestination(Endpoint):
         self._receiver: MultifdReceiver | None = None
         self._return_path: ReturnPathWriter | None = None
         self.uri: str | None = None
-        # 256 pages (1 MiB) through which runs of ZERO records are checked.
+        # Pages this migration wrote, per untouched block: made when it loads.
+        self._received = ReceivedPages({})
         self._reset()
 
     # -- control --------------------------------------------------------------
@@ -307,6 +309,8 @@ class MigrationDestination(Endpoint):
             profile=profile,
             known_devices={APP_STATE_IDSTR: read_app_state, VERIFY_IDSTR: read_verify},
         )
+        # Asked before anything here takes a view of the blocks (see received.py).
+        self._received = ReceivedPages(self.blocks)
         arrays = {name: block.array for name, block in self.blocks.items()}
         round_mode: bool | None = None
         verify: VerifySection | None = None
@@ -314,26 +318,23 @@ class MigrationDestination(Endpoint):
             if self._cancel.is_set() or self.state.error is not None:
                 raise MigrationAborted
             if isinstance(record, ZeroPage):
-                page = arrays[record.block][record.offset : record.offset + TARGET_PAGE_SIZE]
-                # As QEMU: a page already zero is left alone, so fresh memory and
-                # sparse files are not touched (reading a hole allocates nothing).
-                if record.fill or page.any():
-                    page[:] = record.fill
-                self.ram.duplicate += 1
+                self._zero_page(arrays[record.block], record.block, record.offset, record.fill)
             elif isinstance(record, ZeroPageRun):
-                self._zero_run(arrays[record.block], record.offsets)
+                self._zero_run(arrays[record.block], record.block, record.offsets)
             elif isinstance(record, Page | CompressedPage):
                 data = record.data if isinstance(record, Page) else record.decompress()
                 offset = record.offset
                 arrays[record.block][offset : offset + TARGET_PAGE_SIZE] = np.frombuffer(
                     data, dtype=np.uint8
                 )
+                self._received.wrote_page(record.block, offset)
                 self.ram.normal += 1
             elif isinstance(record, XbzrlePage):
                 view = memoryview(arrays[record.block])[
                     record.offset : record.offset + TARGET_PAGE_SIZE
                 ]
                 apply_xbzrle(record.encoded, view, decoder.reader.where)
+                self._received.wrote_page(record.block, record.offset)
                 self.ram.normal += 1
             elif isinstance(record, EndOfSection):
                 if round_mode is None:
@@ -445,22 +446,28 @@ class MigrationDestination(Endpoint):
         if failures:
             raise WireError("x-verify: memory differs from the source's: " + "; ".join(failures))
 
-    def _zero_run(self, array: np.ndarray, offsets: np.ndarray) -> None:
-        """Many zero pages at once; as for one, pages already zero stay untouched
-        (never-touched memory stays unallocated)."""
-        rows = array[: len(array) - len(array) % TARGET_PAGE_SIZE].reshape(-1, TARGET_PAGE_SIZE)
+    def _zero_page(self, array: np.ndarray, name: str, offset: int, fill: int) -> None:
+        page = array[offset : offset + TARGET_PAGE_SIZE]
+        if fill:  # QEMU 7.2 still sends a fill byte; a page of it is written
+            page[:] = fill
+            self._received.wrote_page(name, offset)
+        elif self._received.page_may_be_written(name, offset) and page.any():
+            # As QEMU: a page already zero is left alone, so fresh memory and
+            # sparse files are not touched (reading a hole allocates nothing).
+            page[:] = 0
+        self.ram.duplicate += 1
+
+    def _zero_run(self, array: np.ndarray, name: str, offsets: np.ndarray) -> None:
+        """Many zero pages at once: those this migration has not written in an
+        untouched block are zero already (see received.py); of the rest, those
+        already zero stay untouched, as for one page."""
+        rows = array.reshape(-1, TARGET_PAGE_SIZE)  # a RAMBlock is whole pages
         pages = (offsets // np.uint64(TARGET_PAGE_SIZE)).astype(np.intp)
-        if len(pages) and int(pages.max()) >= len(rows):
-            # Only the last, partial page of a block can be here (the decoder
-            # checked every offset against the block's length): one at a time.
-            for offset in offsets.tolist():
-                page = array[offset : offset + TARGET_PAGE_SIZE]
-                if page.any():
-                    page[:] = 0
-        else:
-            written = ~is_zero_rows(rows.view(np.uint64), pages)
-            if written.any():
-                rows[pages[written]] = 0
+        check = self._received.may_be_written(name, pages)
+        if len(check):
+            written = check[~is_zero_rows(rows.view(np.uint64), check)]
+            if len(written):
+                rows[written] = 0
         self.ram.duplicate += len(pages)
 
     def _sync(self, label: str) -> None:
@@ -502,6 +509,7 @@ class MigrationDestination(Endpoint):
         if self._provider is not None:
             self.blocks = {b.name: b for b in self._provider(mem_size.blocks)}
             self.ram.total = mem_size.total
+            self._received = ReceivedPages(self.blocks)
         for entry in mem_size.blocks:
             block = self.blocks.get(entry.name)
             if block is None:
@@ -512,7 +520,9 @@ class MigrationDestination(Endpoint):
                     f"{block.used_length:#x}"
                 )
         if self._receiver is not None:
-            self._receiver.set_blocks({e.name: self.blocks[e.name].array for e in mem_size.blocks})
+            self._receiver.set_blocks(
+                {e.name: self.blocks[e.name].array for e in mem_size.blocks}, self._received
+            )
 
     def _cleanup(self, listener: Listener) -> None:
         listener.close()

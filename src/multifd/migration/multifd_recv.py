@@ -30,6 +30,7 @@ from ..wire import (
     plain_pages_header,
 )
 from .compression import make_decompressor
+from .received import ReceivedPages
 from .stats import ChannelStats, MigrationAborted
 
 
@@ -85,11 +86,14 @@ class MultifdReceiver:
         # Raw ramblock field of a packet the full path accepted → (name,
         # address, last page's offset): the shortcut of `_plain_pages`.
         self._known_fields: dict[bytes, tuple[str, int, int]] = {}
+        self._received = ReceivedPages({})
         self.channels = [_RecvChannel(ch, i, compression) for i, ch in enumerate(channels)]
         self.repeated = 0  # pages counted once although received twice (7.2 quirk)
 
-    def set_blocks(self, blocks: Mapping[str, np.ndarray]) -> None:
-        """The destination's blocks by name, once MEM_SIZE has been checked."""
+    def set_blocks(self, blocks: Mapping[str, np.ndarray], received: ReceivedPages) -> None:
+        """The destination's blocks by name, once MEM_SIZE has been checked,
+        and where to note the pages written."""
+        self._received = received
         self._blocks = {name: (len(array), array) for name, array in blocks.items()}
         self._lengths = {name: len(array) for name, array in blocks.items()}
         self._views = {name: memoryview(array).cast("B") for name, array in blocks.items()}
@@ -270,6 +274,7 @@ class MultifdReceiver:
             return False
         rc.iov.set_pages(address, offsets, TARGET_PAGE_SIZE)
         self._read_pages_and_next_header(rc)
+        self._received.wrote(name, offsets)
         rc.stats.pages += normal
         rc.heads.append((packet_num, name, int(offsets[0])))
         if normal == PAGES_PER_PACKET:
@@ -321,10 +326,13 @@ class MultifdReceiver:
                 data = rc.decompressor.decompress(payload, normal * TARGET_PAGE_SIZE, where)
                 pages = np.frombuffer(data, dtype=np.uint8).reshape(normal, TARGET_PAGE_SIZE)
                 _scatter(array, data_offsets, pages, aligned)
+            self._received.wrote(name, data_offsets)
             rc.stats.pages += normal
             self._note_ends(rc, packet, name, data_offsets)
+        # 9.0's zero pages: as QEMU, those of fresh memory not written since are left alone.
         for offset in zero_offsets.tolist():
-            array[offset : offset + TARGET_PAGE_SIZE] = 0
+            if self._received.page_may_be_written(name, offset):
+                array[offset : offset + TARGET_PAGE_SIZE] = 0
 
 
 def _scatter(array: np.ndarray, offsets: np.ndarray, pages: np.ndarray, aligned: bool) -> None:
