@@ -46,6 +46,8 @@ class _RecvChannel:
         # (packet_num, block, offset), to count QEMU 7.2's repeats (see `sync`).
         self.heads: list[tuple[int, str, int]] = []
         self.tails: list[tuple[int, str, int]] = []
+        # The pages written since the last SYNC: (block, byte offsets).
+        self.written: list[tuple[str, np.ndarray]] = []
         self.thread: threading.Thread | None = None
         # Every header lands in the same buffer: no allocation per packet.
         self.header = bytearray(PACKET_HEADER_SIZE)
@@ -129,6 +131,7 @@ class MultifdReceiver:
                     break
                 self._cond.wait()
             self.repeated += self._count_repeats()
+            self._note_written()
             for rc in self.channels:
                 rc.released = target
             self._cond.notify_all()
@@ -170,6 +173,18 @@ class MultifdReceiver:
             rc.heads.clear()
             rc.tails.clear()
         return repeats
+
+    def _note_written(self) -> None:
+        """Hand the round's written pages to the received map, all at once:
+        a page's zero record can only come in a later round, after this sync.
+        Called with every channel parked at a SYNC."""
+        by_block: dict[str, list[np.ndarray]] = {}
+        for rc in self.channels:
+            for name, offsets in rc.written:
+                by_block.setdefault(name, []).append(offsets)
+            rc.written.clear()
+        for name, parts in by_block.items():
+            self._received.wrote(name, np.concatenate(parts))
 
     @property
     def stats(self) -> list[ChannelStats]:
@@ -274,7 +289,7 @@ class MultifdReceiver:
             return False
         rc.iov.set_pages(address, offsets, TARGET_PAGE_SIZE)
         self._read_pages_and_next_header(rc)
-        self._received.wrote(name, offsets)
+        rc.written.append((name, offsets))
         rc.stats.pages += normal
         rc.heads.append((packet_num, name, int(offsets[0])))
         if normal == PAGES_PER_PACKET:
@@ -326,7 +341,7 @@ class MultifdReceiver:
                 data = rc.decompressor.decompress(payload, normal * TARGET_PAGE_SIZE, where)
                 pages = np.frombuffer(data, dtype=np.uint8).reshape(normal, TARGET_PAGE_SIZE)
                 _scatter(array, data_offsets, pages, aligned)
-            self._received.wrote(name, data_offsets)
+            rc.written.append((name, data_offsets))
             rc.stats.pages += normal
             self._note_ends(rc, packet, name, data_offsets)
         # 9.0's zero pages: as QEMU, those of fresh memory not written since are left alone.

@@ -23,8 +23,9 @@ class ReceivedPages:
     """Per block: a bool per page, set once this migration wrote the page; or
     None for a block that was not untouched (every page may hold anything).
 
-    The receive threads and the migration thread write different pages of a
-    round, and a page's next round begins after the sync that ends this one.
+    Only the migration thread uses it: the receive threads hand over the
+    pages of a round at its sync (`MultifdReceiver.sync`), before any record
+    of the next round, the only one that can bring the same page as zero.
     """
 
     def __init__(self, blocks: Mapping[str, RAMBlock]) -> None:
