@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 
 from multifd.channels import Channel
+from multifd.memory import RAMBlock
+from multifd.migration import multifd_recv
 from multifd.migration.multifd_recv import MultifdReceiver
 from multifd.migration.received import ReceivedPages
 from multifd.wire import PACKET_HEADER_SIZE, Compression, MultiFDPacket
@@ -156,3 +158,29 @@ def test_after_a_good_packet_a_bad_one_is_refused_as_the_first_would_be(
     rows = block.reshape(BLOCK_PAGES, PAGE)
     assert (rows[3] == 0x11).all()
     assert not rows[4].any() and not rows[BLOCK_PAGES - 1].any()
+
+
+def test_written_pages_are_marked_along_the_way(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A receive thread marks the pages it wrote every WRITTEN_BATCH packets,
+    not only at the sync: what it keeps meanwhile stays bounded, whatever the
+    RAM size. Both paths (the shortcut and the full one) note their pages."""
+    monkeypatch.setattr(multifd_recv, "WRITTEN_BATCH", 2)
+    block = RAMBlock.anonymous("pc.ram", BLOCK_PAGES * PAGE)
+    received = ReceivedPages({"pc.ram": block})
+    ours, theirs = socket.socketpair()
+    rx = MultifdReceiver(
+        [Channel(ours, "channel 0", timeout=10)], compression=Compression.NONE, on_error=print
+    )
+    rx.set_blocks({"pc.ram": block.array}, received)
+    rx.start()
+    try:
+        theirs.sendall(b"".join(_packet([2 * n, 2 * n + 1], n, 0x10 + n) for n in range(5)))
+        theirs.shutdown(socket.SHUT_WR)
+        _run_out(rx)
+        marked = received.may_be_written("pc.ram", np.arange(BLOCK_PAGES))
+        assert marked.tolist() == list(range(8))  # 4 packets marked, the 5th kept
+        assert len(rx.channels[0].written) == 1
+    finally:
+        theirs.close()
+        rx.close()
+        block.close()

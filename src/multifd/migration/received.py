@@ -23,9 +23,11 @@ class ReceivedPages:
     """Per block: a bool per page, set once this migration wrote the page; or
     None for a block that was not untouched (every page may hold anything).
 
-    Only the migration thread uses it: the receive threads hand over the
-    pages of a round at its sync (`MultifdReceiver.sync`), before any record
-    of the next round, the only one that can bring the same page as zero.
+    The receive threads mark the pages they wrote now and then, and the rest
+    of a round's at its sync (`MultifdReceiver.sync`), before any record of
+    the next round: only a later round can bring the same page as zero. Marks
+    are bytes set to True, and the migration thread reads only the pages of
+    zero records, which no receive thread writes in the same round.
     """
 
     def __init__(self, blocks: Mapping[str, RAMBlock]) -> None:
