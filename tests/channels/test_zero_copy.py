@@ -61,9 +61,9 @@ def _pages(ram: np.ndarray, offsets: np.ndarray) -> bytes:
 def test_write_lent_puts_packets_on_the_wire(
     pair: tuple[Channel, Channel], ram: np.ndarray, background: Callable[..., Any]
 ) -> None:
-    """Two writes of headers and pages, the first left in the pipe (`more`):
-    more ranges than one vmsplice takes (IOV_MAX) and more pages than the pipe
-    holds, in a scattered order, arrive whole and in order."""
+    """Two writes of headers and pages: more ranges than one vmsplice takes
+    (IOV_MAX) and more pages than the pipe holds, in a scattered order, arrive
+    whole and in order."""
     writer, reader = pair
     first = np.arange(0, 1024, dtype=np.uint64)[::-1].copy() * PAGE  # 1024 pages, 9 headers
     second = np.array([1023, 5, 6, 7, 900], dtype=np.uint64) * PAGE
@@ -80,10 +80,10 @@ def test_write_lent_puts_packets_on_the_wire(
     expected = packets(heads[0], first) + packets(heads[1], second)
 
     def send() -> None:
-        for head, offsets, more in ((heads[0], first, True), (heads[1], second, False)):
+        for head, offsets in ((heads[0], first), (heads[1], second)):
             iov.set_packets(buffer_address(head), 40, buffer_address(ram), offsets, PAGE, 128)
             assert iov.count == len(offsets) + -(-len(offsets) // 128)
-            writer.write_lent(iov, keep=head, more=more)
+            writer.write_lent(iov, keep=head)
             assert iov.total == 0
 
     sender = background(send)

@@ -344,8 +344,6 @@ class Channel:
     def writev_all(self, buffers: Sequence[Buffer]) -> int:
         """Write every buffer in order (sendmsg / writev), looping over partial
         writes by advancing views: page buffers are never copied or joined."""
-        if self._splice is not None and self._splice.queued:
-            self._splice_drain()
         views = _byte_views(buffers)
         total = sum(map(len, views))
         left = total
@@ -373,16 +371,15 @@ class Channel:
         """Whether `write_lent` lends pages here (a plain unix stream socket)."""
         return self._can_lend
 
-    def write_lent(self, iov: IOVec, *, keep: object = None, more: bool = False) -> None:
+    def write_lent(self, iov: IOVec, *, keep: object = None) -> None:
         """Write the memory in `iov` without copying it: lent to the kernel
         (vmsplice into a pipe, splice into the socket, see splice.py) where
         `can_lend`, copied elsewhere. The peer reads that memory when it reads
         the bytes: the caller keeps it mapped, and accepts that what it writes
         there meanwhile goes out. `keep`, the owner of memory in `iov` that must
         not change (a packet's header), is held here until the peer has read
-        it. `wait_read()` tells when the peer has read everything. With `more`,
-        bytes may wait in the pipe for the next call (any other write sends them
-        first). `iov` is consumed."""
+        it. `wait_read()` tells when the peer has read everything. `iov` is
+        consumed."""
         if not self._can_lend:
             self.writev_all(iov.views())
             iov.advance(iov.total)
@@ -396,8 +393,7 @@ class Channel:
                     self._drain_full(pipe)
             if keep is not None:
                 self._hold(keep, self.bytes_written + pipe.queued)
-            if not more:
-                self._drain(pipe)
+            self._drain(pipe)
         except OSError as exc:
             self._drop_splice()
             raise self._write_error(exc) from _cause(exc)
@@ -411,14 +407,6 @@ class Channel:
             while held and held[0][0] <= read:
                 held.popleft()
         held.append((end, keep))
-
-    def _splice_drain(self) -> None:
-        assert self._splice is not None
-        try:
-            self._drain(self._splice)
-        except OSError as exc:
-            self._drop_splice()
-            raise self._write_error(exc) from _cause(exc)
 
     def _write_error(self, exc: OSError) -> ChannelError:
         """What a failed write raises: a timeout, or the OS error, and where."""

@@ -3,11 +3,12 @@
 The migration thread splits a run of pages into packets (≤128 pages of one
 block, as QEMU's multifd_send_pages) and queues them on the channel with the
 least queued work, several packets at a time: a channel thread then writes a
-whole batch (one sendmsg; or, on a unix socket, each packet's pages lent with
-vmsplice and spliced in, see channels/splice.py), and goes on to the next batch
-without waiting for the migration thread. Handing over one packet at a time, as QEMU does between C
-threads, costs a GIL round trip per packet in Python and kept every thread
-waiting on the others.
+whole batch, and goes on to the next without waiting for the migration
+thread. A batch's headers are built at once (page_packet_headers) and go out
+with its pages in one sendmsg, or, on a unix socket, lent with vmsplice and
+spliced in (see channels/splice.py). Handing over one packet at a time, as
+QEMU does between C threads, costs a GIL round trip per packet in Python and
+kept every thread waiting on the others.
 
 At the end of every round the migration thread syncs: each channel writes one
 SYNC packet after its queued batches, and the migration thread waits until all
