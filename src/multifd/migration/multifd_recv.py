@@ -49,7 +49,7 @@ class _RecvChannel:
         # (packet_num, block, offset), to count QEMU 7.2's repeats (see `sync`).
         self.heads: list[tuple[int, str, int]] = []
         self.tails: list[tuple[int, str, int]] = []
-        # The pages written since the last SYNC: (block, byte offsets).
+        # Pages written and not yet marked in the received map: (block, byte offsets).
         self.written: list[tuple[str, np.ndarray]] = []
         self.thread: threading.Thread | None = None
         # Every header lands in the same buffer: no allocation per packet.
