@@ -8,6 +8,7 @@ import argparse
 import io
 import json
 import multiprocessing as mp
+import os
 import sys
 import time
 from pathlib import Path
@@ -67,9 +68,14 @@ def test_shape_and_figures(result: dict[str, Any]) -> None:
     for entry in bulk:
         assert set(entry) >= BULK_KEYS
         if entry["pairing"] == "python-python":
-            _positive(entry, "seconds", "gbps", "wire_gbps", "dest_hwm_bytes", "cpu_seconds")
-            # Both ends ran on this machine: busy, but never more than every CPU.
-            assert 0 < entry["cpu_busy"] <= 1.05
+            _positive(entry, "seconds", "gbps", "wire_gbps", "dest_hwm_bytes")
+            if entry["seconds"] >= CpuSampler().shortest:
+                # Both ends ran on this machine: busy, but never more than every CPU.
+                _positive(entry, "cpu_seconds")
+                assert entry["cpu_busy"] <= 1.05
+            else:
+                # Tens of milliseconds are a few ticks: not measured, not guessed.
+                assert "cpu_seconds" not in entry and "cpu_busy" not in entry
             assert entry["verified"] is True
             assert entry["ratio_to_qemu"] is None  # no QEMU→QEMU baseline in this run
             assert entry["fraction_of_loopback"] > 0
@@ -107,15 +113,18 @@ def test_cpu_sampler_sees_a_busy_thread_and_not_a_sleeping_one() -> None:
     with CpuSampler(every=0.005) as cpu:
         time.sleep(0.05)
         spin_from = time.time()
-        while time.time() < spin_from + 0.3:
+        while time.time() < spin_from + 0.5:
             pass
         spin_to = time.time()
-        time.sleep(0.3)
+        time.sleep(0.5)
         sleep_to = time.time()
-    assert cpu.busy_between(spin_from, spin_to) >= 0.2  # one CPU, at least most of it
+    assert cpu.busy_between(spin_from, spin_to) >= 0.35  # one CPU, at least most of it
     # Sleeping, this process adds nothing (other tenants may add a little).
     assert cpu.busy_between(spin_to, sleep_to) < cpu.busy_between(spin_from, spin_to)
     assert cpu.busy_between(spin_from - 60, spin_to) is None
+    # Too few ticks to tell 5 % of the machine: no figure rather than a wrong one.
+    assert cpu.shortest == pytest.approx(40 / os.sysconf("SC_CLK_TCK"))
+    assert cpu.busy_between(spin_from, spin_from + cpu.shortest * 0.9) is None
 
 
 def test_the_fraction_is_against_the_same_runs_loopback(result: dict[str, Any]) -> None:

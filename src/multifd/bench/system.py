@@ -77,13 +77,19 @@ class PeakSampler:
 class CpuSampler:
     """The machine's busy CPU time (/proc/stat), sampled from a thread, so that
     the CPU-seconds of any window inside the sampling can be read afterwards:
-    a run whose CPU-seconds come close to CPUs × seconds was bound by CPU."""
+    a run whose CPU-seconds come close to CPUs × seconds was bound by CPU.
+
+    The kernel counts in ticks (1/CLK_TCK s per CPU), so each end of a window
+    may be off by a tick on every CPU; a window shorter than `shortest` would
+    be off by more than 5 % of the machine, and is not measured at all."""
 
     def __init__(self, every: float = 0.01) -> None:
         self._every = every
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._hz = os.sysconf("SC_CLK_TCK")
+        # Two ends × one tick per CPU, against the window's CPUs × seconds.
+        self.shortest = 2 / self._hz / 0.05
         self.samples: list[tuple[float, float]] = []  # (time.time(), busy seconds)
 
     def __enter__(self) -> CpuSampler:
@@ -110,8 +116,11 @@ class CpuSampler:
 
     def busy_between(self, start: float, end: float) -> float | None:
         """CPU-seconds the machine was busy from `start` to `end` (time.time()),
-        interpolated between samples; None outside the sampled time."""
+        interpolated between samples; None outside the sampled time, or for a
+        window too short for the tick counters to resolve."""
         if not self.samples or start < self.samples[0][0] or end > self.samples[-1][0]:
+            return None
+        if end - start < self.shortest:
             return None
         times = [t for t, _ in self.samples]
         busy = [b for _, b in self.samples]
