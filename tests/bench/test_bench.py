@@ -136,6 +136,34 @@ def test_the_fraction_is_against_the_same_runs_loopback(result: dict[str, Any]) 
             assert entry["wire_fraction_of_loopback"] == pytest.approx(entry["wire_gbps"] / ceiling)
 
 
+def test_loopback_runs_between_the_bulk_runs_it_is_compared_with() -> None:
+    said: list[str] = []
+    options = BenchOptions(
+        size=8 << 20,
+        channels=(1, 2),
+        runs=2,
+        warmup=0,
+        scenarios=("bulk", "loopback"),
+        pairings=("python-python",),
+        progress=said.append,
+    )
+    result = run_bench(options)
+    timed = [line.partition(":")[0] for line in said if " run " in line]
+    assert timed == [
+        step
+        for channels in (1, 2)
+        for index in (1, 2)
+        for step in (
+            f"bulk python-python x{channels} run {index}/2",
+            f"loopback x{channels} run {index}/2",
+        )
+    ], said
+    assert [e["channels"] for e in result["loopback"]] == [1, 2]
+    assert all(e["gbps"] > 0 for e in result["loopback"])
+    # The receiver process went with the session.
+    assert mp.active_children() == []
+
+
 def test_tables_render(result: dict[str, Any]) -> None:
     out = io.StringIO()
     render(result, Console(file=out, width=160))

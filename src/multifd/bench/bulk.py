@@ -22,6 +22,7 @@ from ..wire import BufferSource, Reader
 from ..wire.stream import Configuration, read_configuration
 from .content import BLOCK_NAME, Content, file_sha256
 from .endpoint import DestinationProcess, DestinationSpec
+from .loopback import Loopback
 from .options import BULK_DOWNTIME_LIMIT_MS, PAIRINGS, BenchOptions
 from .qemuvm import RamFileVM
 from .system import GB, CpuSampler, PeakSampler, median
@@ -81,6 +82,8 @@ class Bulk:
     content: Content
     workdir: Path
     layout: QemuLayout | None = None
+    # An open raw loopback session, run after each round of pairings.
+    loopback: Loopback | None = None
     _names: Iterator[int] = field(default_factory=itertools.count)
 
     # -- setup ----------------------------------------------------------------
@@ -377,7 +380,8 @@ class Bulk:
                 warm = self.run(pairing, options.channels[0])
                 options.say(f"bulk {pairing} x{options.channels[0]} warm-up: {_brief(warm)}")
         results: dict[tuple[str, int], list[RunResult]] = {}
-        # Pairings interleaved run by run, so drift on a shared host hits them alike.
+        # Pairings, and the loopback ceiling, interleaved run by run: drift on
+        # a shared host hits them alike.
         for channels in options.channels:
             for index in range(options.runs):
                 for pairing in active:
@@ -386,6 +390,8 @@ class Bulk:
                     options.say(
                         f"bulk {pairing} x{channels} run {index + 1}/{options.runs}: {_brief(run)}"
                     )
+                if self.loopback is not None:
+                    self.loopback.run(channels, index)
         entries = [
             _entry(p, c, self.content.size, options.transport, results.get((p, c)), skipped.get(p))
             for c in options.channels

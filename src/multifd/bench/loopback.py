@@ -3,12 +3,12 @@ plain `sendall` of 1 MiB chunks over N connections to another process."""
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
 import socket
 import struct
 import threading
 import time
-from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
@@ -81,94 +81,127 @@ def _send_share(
         errors.append(f"{type(exc).__name__}: {exc}")
 
 
-@dataclass
 class Loopback:
     """N connections carry the RAM content split N ways, from N sender threads to
     N receiver threads in another process that `recv_into` a preallocated,
     faulted-in buffer. Time runs from the first send to the last receiver's
-    acknowledgement."""
+    acknowledgement.
 
-    options: BenchOptions
-    content: Content
-    workdir: Path
+    Open (`with`), it keeps its receiver process, so that `run` can be called
+    between the bulk scenario's migrations: the ceiling is then measured next
+    to the runs it is the ceiling of, not minutes apart on a shared host.
+    """
 
-    def measure(self) -> list[dict[str, Any]]:
+    def __init__(self, options: BenchOptions, content: Content, workdir: Path) -> None:
+        self.options = options
+        self.content = content
+        self._path = str(workdir / "loopback.sock")
+        self._outcomes: dict[int, list[float | str]] = {}
+        self._stack: contextlib.ExitStack | None = None
+        self._conn: Connection | None = None
+        self._address: Any = None
+        self._data: memoryview | None = None
+
+    def __enter__(self) -> Loopback:
         options = self.options
-        size = self.content.size
-        transport = options.transport
-        path = str(self.workdir / "loopback.sock")
-        ctx = mp.get_context("spawn")
-        parent, child = ctx.Pipe()
-        process = ctx.Process(
-            target=_receiver_main,
-            args=(transport, path, size, options.migration_timeout, child),
-            daemon=True,
-        )
-        process.start()
-        child.close()
-        results: dict[int, list[float | str]] = {}
-        try:
+        with contextlib.ExitStack() as stack:
+            ctx = mp.get_context("spawn")
+            parent, child = ctx.Pipe()
+            stack.callback(parent.close)
+            process = ctx.Process(
+                target=_receiver_main,
+                args=(
+                    options.transport,
+                    self._path,
+                    self.content.size,
+                    options.migration_timeout,
+                    child,
+                ),
+                daemon=True,
+            )
+            process.start()
+            child.close()
+            stack.callback(_stop_receiver, process, parent)
             if not parent.poll(options.migration_timeout):
                 raise RuntimeError("the loopback receiver did not start")
-            address = parent.recv()
-            family = socket.AF_UNIX if transport == "unix" else socket.AF_INET
-            with self.content.block() as block:
-                data = block.buffer
+            self._address = parent.recv()
+            block = stack.enter_context(self.content.block())
+            self._data = block.buffer
+            stack.callback(self._forget_data)
+            self._conn = parent
+            self._stack = stack.pop_all()
+        # The warm-up also faults the source mapping in, once.
+        for _ in range(max(1, options.warmup)):
+            self._one_run(options.channels[0])
+        return self
 
-                def one_run(count: int) -> float | str:
-                    socks = [socket.socket(family, socket.SOCK_STREAM) for _ in range(count)]
-                    parent.send(count)
-                    for sock in socks:
-                        sock.connect(address)
-                    shares = [size // count // 4096 * 4096] * count
-                    shares[-1] = size - sum(shares[:-1])
-                    errors: list[str] = []
-                    threads = [
-                        threading.Thread(
-                            target=_send_share,
-                            args=(sock, data, sum(shares[:i]), shares[i], errors),
-                            daemon=True,
-                        )
-                        for i, sock in enumerate(socks)
-                    ]
-                    started = time.perf_counter()
-                    for thread in threads:
-                        thread.start()
-                    for thread in threads:
-                        thread.join()
-                    elapsed = time.perf_counter() - started
-                    for sock in socks:
-                        sock.close()
-                    errors += parent.recv()
-                    return f"loopback x{count}: {errors[0]}" if errors else elapsed
+    def __exit__(self, *exc_info: object) -> None:
+        if self._stack is not None:
+            self._stack.close()
+            self._stack = None
 
-                # The warm-up also faults the source mapping in, once.
-                for _ in range(max(1, options.warmup)):
-                    one_run(options.channels[0])
-                for count in options.channels:
-                    for index in range(options.runs):
-                        outcome = one_run(count)
-                        results.setdefault(count, []).append(outcome)
-                        shown = (
-                            f"{size / outcome / GB:.2f} GB/s"
-                            if isinstance(outcome, float)
-                            else outcome
-                        )
-                        options.say(f"loopback x{count} run {index + 1}/{options.runs}: {shown}")
-            parent.send(None)
+    def _forget_data(self) -> None:
+        self._data = None  # the mapping closes after: no view may outlive it
+
+    def run(self, count: int, index: int) -> None:
+        """One timed run over `count` connections, recorded (`index` is for the
+        progress line)."""
+        outcome = self._one_run(count)
+        self._outcomes.setdefault(count, []).append(outcome)
+        size = self.content.size
+        shown = f"{size / outcome / GB:.2f} GB/s" if isinstance(outcome, float) else outcome
+        self.options.say(f"loopback x{count} run {index + 1}/{self.options.runs}: {shown}")
+
+    def _one_run(self, count: int) -> float | str:
+        assert self._conn is not None and self._data is not None, "not open"
+        size = self.content.size
+        family = socket.AF_UNIX if self.options.transport == "unix" else socket.AF_INET
+        socks = [socket.socket(family, socket.SOCK_STREAM) for _ in range(count)]
+        try:
+            self._conn.send(count)
+            for sock in socks:
+                sock.connect(self._address)
+            shares = [size // count // 4096 * 4096] * count
+            shares[-1] = size - sum(shares[:-1])
+            errors: list[str] = []
+            threads = [
+                threading.Thread(
+                    target=_send_share,
+                    args=(sock, self._data, sum(shares[:i]), shares[i], errors),
+                    daemon=True,
+                )
+                for i, sock in enumerate(socks)
+            ]
+            started = time.perf_counter()
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+            elapsed = time.perf_counter() - started
         finally:
-            process.join(10)
-            if process.is_alive():
-                process.kill()
-                process.join()
-            parent.close()
+            for sock in socks:
+                sock.close()
+        errors += self._conn.recv()
+        return f"loopback x{count}: {errors[0]}" if errors else elapsed
+
+    def measure(self) -> list[dict[str, Any]]:
+        """The loopback scenario on its own: every channel count, `runs` times."""
+        with self:
+            for count in self.options.channels:
+                for index in range(self.options.runs):
+                    self.run(count, index)
+        return self.entries()
+
+    def entries(self) -> list[dict[str, Any]]:
+        """One entry per channel count: the median of its runs."""
+        size = self.content.size
         entries = []
-        for count in options.channels:
-            outcomes = results.get(count, [])
+        for count in self.options.channels:
+            outcomes = self._outcomes.get(count, [])
             errors = [o for o in outcomes if isinstance(o, str)]
             entry: dict[str, Any] = {
                 "channels": count,
-                "transport": transport,
+                "transport": self.options.transport,
                 "bytes": size,
                 "chunk": CHUNK,
                 "gbps": None,
@@ -179,3 +212,12 @@ class Loopback:
                 entry.update(seconds=seconds, gbps=size / seconds / GB)
             entries.append(entry)
         return entries
+
+
+def _stop_receiver(process: mp.process.BaseProcess, conn: Connection) -> None:
+    with contextlib.suppress(OSError):  # it is gone already
+        conn.send(None)
+    process.join(10)
+    if process.is_alive():
+        process.kill()
+        process.join()

@@ -3,6 +3,7 @@ ratio taken against a baseline measured in the same run."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from pathlib import Path
@@ -17,8 +18,10 @@ from .options import BenchOptions
 from .system import machine_info
 
 FORMAT = 1
-# Bytes alive at once, in RAM sizes: the content file, the live source's private
-# copy, a destination (QEMU's file or a Python process), and the processes.
+# Bytes alive at once, in RAM sizes: the content file, a destination (QEMU's
+# file or a Python process), and either the loopback receiver's buffer (kept
+# through the bulk runs it is interleaved with) or the live source's private
+# copy; and the processes.
 _COPIES_AT_ONCE = 3.2
 
 
@@ -65,14 +68,18 @@ def run_bench(options: BenchOptions) -> dict[str, Any]:
             workdir = Path(tmp)
             options.say(f"filling {options.size >> 20} MiB of RAM content in {workdir}")
             content = make_content(workdir, options.size)
-            if "loopback" in scenarios:
-                result["loopback"] = Loopback(options, content, workdir).measure()
             if "bulk" in scenarios:
-                bulk = Bulk(options, content, workdir)
-                try:
+                with contextlib.ExitStack() as stack:
+                    loopback = None
+                    if "loopback" in scenarios:
+                        loopback = stack.enter_context(Loopback(options, content, workdir))
+                    bulk = Bulk(options, content, workdir, loopback=loopback)
+                    stack.callback(bulk.close)
                     result["bulk"] = bulk.measure()
-                finally:
-                    bulk.close()
+                    if loopback is not None:
+                        result["loopback"] = loopback.entries()
+            elif "loopback" in scenarios:
+                result["loopback"] = Loopback(options, content, workdir).measure()
             if "live" in scenarios:
                 result["live"] = Live(options, content, workdir).measure()
     _relate_to_loopback(result)
