@@ -124,15 +124,23 @@ class Loopback:
             stack.callback(_stop_receiver, process, parent)
             if not parent.poll(options.migration_timeout):
                 raise RuntimeError("the loopback receiver did not start")
-            self._address = parent.recv()
+            try:
+                self._address = parent.recv()
+            except EOFError:
+                process.join(10)
+                raise RuntimeError(
+                    f"the loopback receiver exited (code {process.exitcode}) before listening"
+                ) from None
+            if options.transport == "unix":  # bound by the receiver: ours to remove
+                stack.callback(Path(self._path).unlink, missing_ok=True)
             block = stack.enter_context(self.content.block())
             self._data = block.buffer
             stack.callback(self._forget_data)
             self._conn = parent
+            # The warm-up also faults the source mapping in, once.
+            for _ in range(max(1, options.warmup)):
+                self._one_run(options.channels[0])
             self._stack = stack.pop_all()
-        # The warm-up also faults the source mapping in, once.
-        for _ in range(max(1, options.warmup)):
-            self._one_run(options.channels[0])
         return self
 
     def __exit__(self, *exc_info: object) -> None:
@@ -208,8 +216,14 @@ class Loopback:
                 "error": errors[0] if errors else None,
             }
             if outcomes and not errors:
-                seconds = median([o for o in outcomes if isinstance(o, float)])
-                entry.update(seconds=seconds, gbps=size / seconds / GB)
+                times = [o for o in outcomes if isinstance(o, float)]
+                seconds = median(times)
+                entry.update(
+                    seconds=seconds,
+                    gbps=size / seconds / GB,
+                    runs_seconds=times,
+                    best_gbps=size / min(times) / GB,
+                )
             entries.append(entry)
         return entries
 
