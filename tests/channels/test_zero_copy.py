@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 
 from multifd.channels import Channel, ChannelEOFError, ChannelError, ChannelTimeoutError
 from multifd.channels import channel as channel_module
+from multifd.channels import splice as splice_module
 from multifd.channels.iovec import IOVec, buffer_address
 from multifd.channels.splice import SplicePipe
 
@@ -302,3 +303,34 @@ def test_a_pipe_that_takes_nothing_fails_the_write_rather_than_spin(
         with pytest.raises(ChannelError, match=expected):
             writer.write_lent(iov)
         assert reader.read_exact(2) == b"hh"  # what went in before is in order
+
+
+def test_a_lend_never_asks_a_full_pipe_again(
+    ram: np.ndarray, background: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """vmsplice takes what fits: the rest waits for the pipe to be drained, not
+    for a second vmsplice that can only fail with EAGAIN (a system call and a
+    GIL hand-off per pipe's worth of pages)."""
+    calls: list[str] = []
+    real = splice_module.vmsplice
+
+    def counted(fd: int, iovecs: int, count: int, flags: int) -> int:
+        try:
+            n = real(fd, iovecs, count, flags)
+        except BlockingIOError:
+            calls.append("full")
+            raise
+        calls.append("lent")
+        return n
+
+    monkeypatch.setattr(splice_module, "vmsplice", counted)
+    a, b = socket.socketpair(socket.AF_UNIX)
+    with Channel(a, "channel 1", timeout=10) as writer, Channel(b, "channel 1") as reader:
+        offsets = np.arange(1024, dtype=np.uint64) * PAGE  # 4 MiB: four pipes' worth
+        iov = IOVec(1024)
+        iov.set_pages(buffer_address(ram), offsets, PAGE)
+        sender = background(lambda: writer.write_lent(iov))
+        got = reader.read_exact(len(ram))
+        sender.result()
+    assert got == ram.tobytes()
+    assert "full" not in calls and len(calls) >= 4, calls
