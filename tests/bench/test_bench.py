@@ -28,6 +28,7 @@ from multifd.bench import (
     render,
     run_bench,
 )
+from multifd.bench.command import run_command
 from multifd.bench.content import make_content
 from multifd.bench.endpoint import DestinationSpec, _destination_main
 from multifd.bench.loopback import Loopback
@@ -282,3 +283,20 @@ def test_qemu_pairings_against_the_same_runs_baseline() -> None:
         if pairing.startswith("qemu"):
             _positive(entry, "source_total_ms")
     assert bulk["qemu-qemu"]["ratio_to_qemu"] == pytest.approx(1.0)
+
+
+def test_tables_piped_to_a_file_keep_every_header(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Not a terminal (pytest captures stdout): rich alone would assume 80
+    # columns and cut the loopback table's headers to "Python…".
+    monkeypatch.delenv("COLUMNS", raising=False)
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(
+        ["--size", "8M", "--channels", "1", "--scenarios", "loopback", "--runs", "1", "--quiet"]
+    )
+    assert run_command(args) == 0
+    out = capsys.readouterr().out
+    for header in ("runs (GB/s)", "best GB/s", "Python→Python GB/s", "wire fraction"):
+        assert header in out, out

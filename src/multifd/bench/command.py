@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -95,6 +96,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
 
 
+# Columns for tables written to a file or a pipe: rich would assume 80 and
+# cut the bulk and loopback tables' headers short.
+_PIPE_WIDTH = 200
+
+
+def _table_console() -> Console:
+    """The console for the tables: the terminal's width, or wide enough for
+    every column when the output is not a terminal (COLUMNS still wins)."""
+    if sys.stdout.isatty() or os.environ.get("COLUMNS"):
+        return Console()
+    return Console(width=_PIPE_WIDTH)
+
+
 def run_command(args: argparse.Namespace) -> int:
     """Run the benchmark the arguments describe; 0 if every figure was measured."""
     err = Console(stderr=True)
@@ -122,7 +136,7 @@ def run_command(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result, indent=1))
     else:
-        render(result, Console())
+        render(result, _table_console())
     if args.markdown is not None:
         args.markdown.write_text(markdown(result))
     if args.plot is not None:
