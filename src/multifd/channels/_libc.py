@@ -1,11 +1,12 @@
 """The system calls the socket module lacks, or offers only per Python buffer:
-vmsplice(2), and recvmsg(2) on a struct iovec table (see iovec.py). ctypes
-releases the GIL around each call, as the socket module does."""
+vmsplice(2), and recvmsg(2) on a struct iovec table (see iovec.py)."""
 
 from __future__ import annotations
 
 import ctypes
 import os
+
+from .._syscalls import LIBC, last_error
 
 
 class _MsgHdr(ctypes.Structure):
@@ -20,21 +21,15 @@ class _MsgHdr(ctypes.Structure):
     )
 
 
-_libc = ctypes.CDLL(None, use_errno=True)
 # A C library without vmsplice (not Linux) only loses the lending of pages.
-_vmsplice = getattr(_libc, "vmsplice", None)
+_vmsplice = getattr(LIBC, "vmsplice", None)
 HAVE_VMSPLICE = _vmsplice is not None and hasattr(os, "splice")
 if _vmsplice is not None:
     _vmsplice.argtypes = (ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_uint)
     _vmsplice.restype = ctypes.c_ssize_t
-_recvmsg = _libc.recvmsg
+_recvmsg = LIBC.recvmsg
 _recvmsg.argtypes = (ctypes.c_int, ctypes.c_void_p, ctypes.c_int)
 _recvmsg.restype = ctypes.c_ssize_t
-
-
-def _error(call: str) -> OSError:
-    err = ctypes.get_errno()
-    return OSError(err, f"{call}: {os.strerror(err)}")
 
 
 def vmsplice(fd: int, iovecs: int, count: int, flags: int) -> int:
@@ -42,7 +37,7 @@ def vmsplice(fd: int, iovecs: int, count: int, flags: int) -> int:
     assert _vmsplice is not None, "check HAVE_VMSPLICE first"
     n = _vmsplice(fd, iovecs, count, flags)
     if n < 0:
-        raise _error("vmsplice")
+        raise last_error("vmsplice")
     return int(n)
 
 
@@ -59,5 +54,5 @@ class RecvMsg:
         self._header.msg_iovlen = count
         n = _recvmsg(fd, self._pointer, flags)
         if n < 0:
-            raise _error("recvmsg")
+            raise last_error("recvmsg")
         return int(n)

@@ -8,6 +8,8 @@ import errno
 import os
 import platform
 
+from .._syscalls import LIBC, last_error
+
 # Debian's kernel headers predate PAGEMAP_SCAN and UFFD_FEATURE_WP_ASYNC (6.7), so
 # the layouts are spelled out from the kernel UAPI (include/uapi/linux/fs.h and
 # userfaultfd.h); ../shared/notes/limits.md section A1 lists them too.
@@ -95,24 +97,19 @@ UFFDIO_UNREGISTER = _ioc(_IOC_READ, UFFD_API, 0x01, ctypes.sizeof(UffdioRange))
 UFFDIO_WRITEPROTECT = _ioc(_RW, UFFD_API, 0x06, ctypes.sizeof(UffdioWriteprotect))
 PAGEMAP_SCAN = _ioc(_RW, ord("f"), 16, ctypes.sizeof(PmScanArg))
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.syscall.restype = ctypes.c_long
-_libc.ioctl.argtypes = (ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p)
-_libc.ioctl.restype = ctypes.c_int
-_libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
-_libc.madvise.restype = ctypes.c_int
+
+LIBC.syscall.restype = ctypes.c_long
+LIBC.ioctl.argtypes = (ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p)
+LIBC.ioctl.restype = ctypes.c_int
+LIBC.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+LIBC.madvise.restype = ctypes.c_int
 
 
 # Failures raise OSError(errno, strerror); the callers say which operation failed.
-def _raise_errno() -> None:
-    err = ctypes.get_errno()
-    raise OSError(err, os.strerror(err))
-
-
 def madvise(address: int, length: int, advice: int) -> None:
     """madvise(2)."""
-    if _libc.madvise(address, length, advice) != 0:
-        _raise_errno()
+    if LIBC.madvise(address, length, advice) != 0:
+        raise last_error()
 
 
 def userfaultfd(flags: int) -> int:
@@ -120,15 +117,15 @@ def userfaultfd(flags: int) -> int:
     number = _SYS_USERFAULTFD.get(platform.machine())
     if number is None:
         raise OSError(errno.ENOSYS, f"syscall number unknown on {platform.machine()}")
-    fd = _libc.syscall(ctypes.c_long(number), ctypes.c_int(flags))
+    fd = LIBC.syscall(ctypes.c_long(number), ctypes.c_int(flags))
     if fd < 0:
-        _raise_errno()
+        raise last_error()
     return int(fd)
 
 
 def ioctl(fd: int, request: int, arg: ctypes.Structure) -> int:
     """ioctl(2) with a pointer to `arg` (which the kernel may fill in)."""
-    result = _libc.ioctl(fd, request, ctypes.addressof(arg))
+    result = LIBC.ioctl(fd, request, ctypes.addressof(arg))
     if result < 0:
-        _raise_errno()
+        raise last_error()
     return int(result)
