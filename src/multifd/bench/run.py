@@ -96,7 +96,7 @@ def _relate_to_loopback(result: dict[str, Any]) -> None:
     The ceiling is the fastest loopback run, not the median: one connection's
     loopback swings between 1 and 5 GB/s on a 2-CPU machine, by whether the
     scheduler puts its sender and receiver on the same CPU (the slow runs leave
-    a CPU idle), so half of its runs can sit far below what the machine carries.
+    a CPU idle), so one run in a few sits far below what the machine carries.
     """
     ceiling = {(e["channels"], e["transport"]): e for e in result["loopback"] if e["gbps"]}
     for entry in result["bulk"]:
