@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ..progress import human
-from .system import GB
+from .system import CPU_WINDOW_MIN, GB
 
 ARROWS = {
     "qemu-qemu": "QEMU→QEMU",
@@ -99,8 +99,8 @@ def _bulk(result: dict[str, Any]) -> Section:
             "÷ QEMU→QEMU = seconds / QEMU→QEMU's seconds at the same channel count; "
             "CPU s = the machine's busy CPU-seconds during the run (both ends and "
             "anything else running), CPU busy = CPU s / (seconds × CPUs): near 100 % the "
-            "run was bound by CPU (medians of the runs of at least 0.4 s: the kernel's tick "
-            "counters cannot resolve shorter ones); "
+            "run was bound by CPU (medians of the runs of at least "
+            f"{CPU_WINDOW_MIN:g} s: the kernel's tick counters cannot resolve shorter ones); "
             "dest RSS = the destination's peak resident memory; "
             "medians of "
             f"{result['options']['runs']} runs after {result['options']['warmup']} warm-up "

@@ -74,6 +74,11 @@ class PeakSampler:
         return max(0, self.peak - self.before)
 
 
+# The shortest window whose busy CPU time /proc/stat resolves within 5 % of
+# the machine: each end may be off by a tick (1/CLK_TCK s) on every CPU.
+CPU_WINDOW_MIN = 2 / os.sysconf("SC_CLK_TCK") / 0.05
+
+
 class CpuSampler:
     """The machine's busy CPU time (/proc/stat), sampled from a thread, so that
     the CPU-seconds of any window inside the sampling can be read afterwards:
@@ -88,8 +93,7 @@ class CpuSampler:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._hz = os.sysconf("SC_CLK_TCK")
-        # Two ends × one tick per CPU, against the window's CPUs × seconds.
-        self.shortest = 2 / self._hz / 0.05
+        self.shortest = CPU_WINDOW_MIN
         self.samples: list[tuple[float, float]] = []  # (time.time(), busy seconds)
 
     def __enter__(self) -> CpuSampler:
