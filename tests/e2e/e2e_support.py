@@ -92,13 +92,16 @@ class Migration:
         *,
         transport: str = "tcp",
         sizes: tuple[int, ...] = (8 * MiB,),
+        source_kind: str = "anonymous",
         capabilities: dict[str, bool] | None = None,
         parameters: dict[str, Any] | None = None,
         dst_parameters: dict[str, Any] | None = None,
         workload_rate: int = 0,
         app_state: bytes = b"application state \x00\xff",
     ) -> None:
-        self.src_blocks = [RAMBlock.anonymous(_name(i), size) for i, size in enumerate(sizes)]
+        self.src_blocks = [
+            _source_block(source_kind, scratch, _name(i), size) for i, size in enumerate(sizes)
+        ]
         self.dst_blocks = [RAMBlock.anonymous(_name(i), size) for i, size in enumerate(sizes)]
         for seed, block in enumerate(self.src_blocks, start=1):
             fill(block.array, seed=seed)
@@ -187,6 +190,9 @@ class Migration:
 
     def close(self) -> None:
         """Cancel whatever still runs, stop the workload, release the blocks."""
+        # A hook may hold a view of a block, which would keep its mapping (and
+        # a memfd's or file's descriptor) alive past close().
+        self.clear_hooks()
         self.source.cancel()
         self.destination.cancel()
         self.source.wait(FINISH_TIMEOUT)
@@ -263,6 +269,15 @@ class Migration:
     def _on_dst_resume(self, state: bytes | None) -> None:
         self.digests_at_resume.append([b.sha256() for b in self.dst_blocks])
         self.resumed.append(state)
+
+
+def _source_block(kind: str, scratch: Path, name: str, size: int) -> RAMBlock:
+    """A source block of `kind`: "anonymous", "memfd" or "file" (in `scratch`)."""
+    if kind == "memfd":
+        return RAMBlock.memfd(name, size)
+    if kind == "file":
+        return RAMBlock.from_file(name, scratch / f"{name}.ram", size, create=True)
+    return RAMBlock.anonymous(name, size)
 
 
 def _name(index: int) -> str:
