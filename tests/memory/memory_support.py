@@ -27,6 +27,15 @@ def write_pages(block: RAMBlock, pages: npt.ArrayLike) -> None:
     block.page_rows()[np.asarray(pages, dtype=np.int64), 0] += 1
 
 
+def present_pages(block: RAMBlock) -> int:
+    """How many of the block's pages this process's page tables map
+    (/proc/self/pagemap, bit 63: present)."""
+    with open("/proc/self/pagemap", "rb") as pagemap:
+        pagemap.seek(block.address // mmap.PAGESIZE * 8)
+        entries = np.frombuffer(pagemap.read(block.pages * 8), dtype=np.uint64)
+    return int(np.count_nonzero(entries >> np.uint64(63)))
+
+
 def open_fds() -> set[int]:
     return {int(name) for name in os.listdir("/proc/self/fd")}
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from memory_support import ALL_KINDS, BlockMaker, MiB, open_fds
+from memory_support import ALL_KINDS, BlockMaker, MiB, open_fds, present_pages
 
 from multifd.memory import PAGE_SIZE, RAMBlock, validate_name
 from multifd.memory import block as block_module
@@ -86,6 +86,47 @@ def test_memfd_can_be_mapped_again_through_its_fd() -> None:
             assert other.page(3)[0] == 42
             other.page(0)[0] = 1
         assert block.page(0)[0] == 1
+
+
+@pytest.mark.parametrize("kind", ["memfd", "shm-file", "disk-file"])
+def test_an_alias_maps_the_same_memory_again(make_block: BlockMaker, kind: str) -> None:
+    block = make_block(kind, MiB)
+    block.page(3)[0] = 42
+    alias = block.alias()
+    assert alias is not None
+    with alias:
+        assert alias.address != block.address
+        assert (alias.name, alias.kind, alias.pages) == (block.name, block.kind, block.pages)
+        assert alias.page(3)[0] == 42
+        block.page(200)[5] = 7  # written after the alias was made: seen through it
+        assert alias.page(200)[5] == 7
+        # Page tables of its own: mapping its pages in maps none of the block's.
+        before = present_pages(block)
+        assert before < block.pages
+        alias.populate()
+        assert present_pages(alias) == block.pages
+        assert present_pages(block) == before
+    assert alias.closed and block.page(3)[0] == 42  # closing the alias leaves the block
+    alias = block.alias()
+    assert alias is not None
+    block.close()
+    assert alias.page(200)[5] == 7  # and the other way round
+    alias.close()
+
+
+@pytest.mark.parametrize("kind", ["anonymous", "shared-anonymous", "bytearray", "mmap"])
+def test_only_file_and_memfd_blocks_have_an_alias(make_block: BlockMaker, kind: str) -> None:
+    block = make_block(kind, MiB)
+    assert block.alias() is None
+    block.close()
+    with pytest.raises(ValueError, match=f"RAMBlock '{block.name}' is closed"):
+        block.alias()
+
+
+def test_a_file_blocks_fd_stays_private(tmp_path: Path) -> None:
+    # Kept open for alias(), but `fd` is documented for memfd blocks only.
+    with RAMBlock.from_file("f", tmp_path / "f", MiB, create=True) as block:
+        assert block.fd is None
 
 
 def test_shared_anonymous_memory_is_shared_with_a_fork() -> None:
@@ -204,8 +245,9 @@ def test_close_releases_what_the_block_owns_and_is_idempotent(tmp_path: Path) ->
         RAMBlock.memfd("m", MiB),
         RAMBlock.from_file("f", tmp_path / "f", MiB, create=True),
     ]
-    # The memfd's own fd, plus the copy CPython's mmap keeps of each mapped file.
-    assert len(open_fds() - before) == 3
+    # The memfd's and the file's own fds (kept for alias()), plus the copy
+    # CPython's mmap keeps of each mapped file.
+    assert len(open_fds() - before) == 4
     for block in blocks:
         block.close()
         block.close()

@@ -9,7 +9,7 @@ import threading
 
 import numpy as np
 import pytest
-from memory_support import PATTERN, BlockMaker, MiB, write_pages
+from memory_support import PATTERN, BlockMaker, MiB, present_pages, write_pages
 
 from multifd.memory import PAGE_SIZE, KernelTracker, RAMBlock, TrackerUnavailable
 from multifd.memory.tracking import kernel as kernel_module
@@ -154,3 +154,33 @@ def test_what_the_helper_raises_comes_out_of_the_next_call(
         with pytest.raises(OSError, match="UFFDIO_WRITEPROTECT: out of memory"):
             tracker.cover(0, 200)
     assert _helpers() == []
+
+
+@pytest.mark.parametrize("kind", ["memfd", "shm-file"])
+def test_file_and_memfd_blocks_are_read_through_an_alias(make_block: BlockMaker, kind: str) -> None:
+    """Under uffd-wp a first read faults a page at a time: the pages are read
+    through an alias instead, and the tracker neither maps in the block's
+    pages nor needs them mapped to see every write."""
+    block = make_block(kind, MiB)
+    with KernelTracker(block) as tracker:
+        reader = tracker.reader
+        assert reader is not block and reader.address != block.address
+        tracker.start()
+        assert present_pages(block) == 0
+        assert int(reader.page_rows(np.uint64)[:, 0].sum()) == 0  # read it all
+        assert present_pages(block) == 0
+        write_pages(block, PATTERN)
+        assert np.array_equal(tracker.collect().indices(), PATTERN)
+        assert np.array_equal(reader.page_rows()[PATTERN, 0], block.page_rows()[PATTERN, 0])
+    assert reader.closed and not block.closed
+
+
+@pytest.mark.parametrize("kind", ["anonymous", "shared-anonymous"])
+def test_other_blocks_are_read_in_place_mapped_in_first(make_block: BlockMaker, kind: str) -> None:
+    block = make_block(kind, MiB)
+    with KernelTracker(block) as tracker:
+        assert tracker.reader is block
+        tracker.start()
+        assert present_pages(block) == block.pages
+        write_pages(block, PATTERN)
+        assert np.array_equal(tracker.collect().indices(), PATTERN)

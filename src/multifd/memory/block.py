@@ -159,7 +159,7 @@ class RAMBlock:
             fd = os.open(path, flags, 0o600)
         except OSError as exc:
             raise OSError(exc.errno, f"RAMBlock {name!r}: open {path!r}: {exc.strerror}") from None
-        # The mapping keeps the file alive; the fd is not needed once it exists.
+        # Kept open for `alias()`; the mapping alone would keep the file alive.
         try:
             length = os.fstat(fd).st_size
             fresh = length == 0  # what ftruncate adds to an empty file reads as zeros
@@ -175,9 +175,10 @@ class RAMBlock:
                     )
                 os.ftruncate(fd, size)
             mapping = mmap.mmap(fd, size, flags=mmap.MAP_SHARED)
-        finally:
+        except BaseException:
             os.close(fd)
-        block = cls(name, mapping, kind="file", mapping=mapping, path=path)
+            raise
+        block = cls(name, mapping, kind="file", mapping=mapping, fd=fd, path=path)
         return block._fresh() if fresh else block
 
     @classmethod
@@ -237,6 +238,8 @@ class RAMBlock:
     @property
     def fd(self) -> int | None:
         """The memfd of a `memfd` block, else None."""
+        if self._kind != "memfd":
+            return None
         self._untouched = False  # another process may map it and write
         return self._fd
 
@@ -268,6 +271,24 @@ class RAMBlock:
         if self._array is None:
             raise ValueError(f"RAMBlock {self._name!r} is closed")
         return self._array
+
+    def alias(self) -> RAMBlock | None:
+        """A second shared mapping of this block's memory (file and memfd
+        blocks; None for the others), to read it through page tables of its
+        own: a dirty tracker registered on the block's mapping turns off the
+        kernel's fault-around there and would make every first read fault a
+        page at a time. Writes through an alias reach the block untracked, so
+        only read through it. The alias is closed on its own; closing the
+        block does not unmap it."""
+        if self._buffer is None:
+            raise ValueError(f"RAMBlock {self._name!r} is closed")
+        if self._fd is None:
+            return None
+        try:
+            mapping = mmap.mmap(self._fd, self.used_length, flags=mmap.MAP_SHARED)
+        except OSError as exc:
+            raise OSError(exc.errno, f"RAMBlock {self._name!r}: alias: {exc.strerror}") from None
+        return RAMBlock(self._name, mapping, kind=self._kind, mapping=mapping, path=self._path)
 
     def take_untouched(self) -> bool:
         """Whether the block still holds the zeros it was made with, as far as

@@ -461,7 +461,7 @@ class MigrationSource(Endpoint):
         vmdesc: list[dict] = []
         if settings.capability("x-verify"):
             # The workload is stopped: the blocks are what the destination must hold.
-            verify = self._verify_section()
+            verify = self._verify_section(trackers)
             self._main.write(
                 verify.header(VERIFY_SECTION_ID).pack()
                 + verify.body()
@@ -521,12 +521,12 @@ class MigrationSource(Endpoint):
         if self._cancel.is_set() or self.state.error is not None:
             raise MigrationAborted
 
-    def _verify_section(self) -> VerifySection:
+    def _verify_section(self, trackers: list) -> VerifySection:
         """Hashes of every page, with keys from a fresh seed (a corruption cannot
         be shaped in advance to collide)."""
         seed = int.from_bytes(os.urandom(8), "big")
         keys = verify_keys(seed)
-        blocks = tuple(BlockHashes(b.name, page_hashes(b, keys)) for b in self.blocks)
+        blocks = tuple(BlockHashes(t.reader.name, page_hashes(t.reader, keys)) for t in trackers)
         self._verified_pages = sum(len(b.hashes) for b in blocks)
         return VerifySection(seed, blocks)
 
@@ -543,7 +543,8 @@ class MigrationSource(Endpoint):
         (or PAGE records on main without multifd)."""
         max_bandwidth = settings.parameter("max-bandwidth") if started is not None else 0
         sent_before = self._bytes_queued()
-        for block, tracker, pages in zip(self.blocks, trackers, dirty, strict=True):
+        for tracker, pages in zip(trackers, dirty, strict=True):
+            block = tracker.reader  # the block's memory, maybe through an alias
             buffer = block.buffer
             for first in range(0, len(pages), CHUNK_PAGES):
                 if self._cancel.is_set() or self.state.error is not None:

@@ -40,6 +40,12 @@ class DirtyTracker(Protocol):
     block: RAMBlock
     fallback_reason: str | None  # why a better tracker was not used, if one was not
 
+    @property
+    def reader(self) -> RAMBlock:
+        """Where to read the tracked pages: the block, or another mapping of
+        the same memory that tracking does not slow down (see KernelTracker)."""
+        ...
+
     def start(self, *, lazy: bool = False) -> None: ...
 
     def cover(self, first: int, count: int) -> None: ...
@@ -78,6 +84,10 @@ class TrackerBase(ABC):
             self._start_lazily()
         else:
             self._start()
+
+    @property
+    def reader(self) -> RAMBlock:
+        return self.block
 
     def cover(self, first: int, count: int) -> None:
         """Pages [first, first+count) are about to be read: track them from now
