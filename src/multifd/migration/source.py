@@ -488,6 +488,9 @@ class MigrationSource(Endpoint):
             self._await_verdict(settings)
         if self._throttle_percent and self._throttle is not None:
             self._throttle(0)
+        # total-time ends here, as QEMU's does, not after the teardown (the
+        # channels closed, the trackers' protection and mappings undone).
+        self._end_time = time.monotonic()
         self.state.set(MigrationStatus.COMPLETED)
 
     def _await_read(self, settings: MigrationSettings) -> None:
@@ -633,7 +636,8 @@ class MigrationSource(Endpoint):
             self._sender = None
             self._connections = None
             self._return_path = None
-        self._end_time = time.monotonic()
+        if self._end_time is None:
+            self._end_time = time.monotonic()
         if self.state.status is MigrationStatus.COMPLETED:
             return
         if self._stopped and self._on_resume is not None:
