@@ -1,15 +1,17 @@
 """What a benchmark records about where it ran, and how it reads memory figures:
-machine and versions, /proc status fields, a peak sampler, medians."""
+machine and versions, /proc status fields, peak and CPU samplers (each in a
+process of its own, see _sampling.py), medians."""
 
 from __future__ import annotations
 
 import bisect
 import hashlib
+import json
 import os
 import platform
 import statistics
 import subprocess
-import threading
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -41,33 +43,65 @@ def proc_status(pid: int | str = "self") -> dict[str, int]:
     return fields
 
 
+_SAMPLING_SCRIPT = Path(__file__).with_name("_sampling.py")
+
+
+class _Sampling:
+    """One /proc figure sampled every `every` seconds by `_sampling.py` in a
+    child process (see there why not a thread), from `start()` to `stop()`."""
+
+    def __init__(self, what: str, every: float) -> None:
+        self._what = f"{what} every {every:g} s"
+        self._args = [sys.executable, "-I", str(_SAMPLING_SCRIPT), repr(every), what]
+        self._process: subprocess.Popen[str] | None = None
+
+    def start(self) -> None:
+        process = subprocess.Popen(
+            self._args,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        assert process.stdout is not None
+        if process.stdout.readline() != "ready\n":
+            process.kill()
+            _, err = process.communicate()
+            raise RuntimeError(f"the sampler {self._what} did not start: {err.strip()}")
+        self._process = process
+
+    def stop(self) -> list[tuple[float, float]]:
+        """Every sample, (time.time(), value), the last one taken now."""
+        if self._process is None:
+            return []
+        process, self._process = self._process, None
+        try:
+            out, _ = process.communicate(timeout=10)  # closes its stdin: the end
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.communicate()
+            raise RuntimeError(f"the sampler {self._what} did not stop") from None
+        return [(float(t), float(v)) for t, v in json.loads(out)]
+
+
 class PeakSampler:
-    """Samples one /proc status field of a process from a thread and keeps the
-    peak: the kernel keeps a peak (VmHWM) only for the whole RSS, not per kind."""
+    """Samples one /proc status field of a process and keeps the peak: the
+    kernel keeps a peak (VmHWM) only for the whole RSS, not per kind."""
 
     def __init__(self, field: str = "RssAnon", pid: int | str = "self", every: float = 0.02):
         self._field = field
-        self._pid = pid
-        self._every = every
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self.before = proc_status(pid).get(field, 0)
+        self._pid = os.getpid() if pid == "self" else pid
+        self._sampling = _Sampling(f"status:{self._pid}:{field}", every)
+        self.before = proc_status(self._pid).get(field, 0)
         self.peak = self.before
 
     def __enter__(self) -> PeakSampler:
-        self._thread = threading.Thread(target=self._run, name="peak-sampler", daemon=True)
-        self._thread.start()
+        self._sampling.start()
         return self
 
-    def _run(self) -> None:
-        while not self._stop.wait(self._every):
-            self.peak = max(self.peak, proc_status(self._pid).get(self._field, 0))
-
     def __exit__(self, *exc_info: object) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-        self.peak = max(self.peak, proc_status(self._pid).get(self._field, 0))
+        samples = self._sampling.stop()
+        self.peak = max([self.peak, *(int(v) for _, v in samples)])
 
     @property
     def growth(self) -> int:
@@ -80,43 +114,26 @@ CPU_WINDOW_MIN = 2 / os.sysconf("SC_CLK_TCK") / 0.05
 
 
 class CpuSampler:
-    """The machine's busy CPU time (/proc/stat), sampled from a thread, so that
-    the CPU-seconds of any window inside the sampling can be read afterwards:
-    a run whose CPU-seconds come close to CPUs × seconds was bound by CPU.
+    """The machine's busy CPU time (/proc/stat), sampled from `__enter__` to
+    `__exit__`, so that the CPU-seconds of any window inside the sampling can
+    be read afterwards: a run whose CPU-seconds come close to CPUs × seconds
+    was bound by CPU.
 
     The kernel counts in ticks (1/CLK_TCK s per CPU), so each end of a window
     may be off by a tick on every CPU; a window shorter than `shortest` would
     be off by more than 5 % of the machine, and is not measured at all."""
 
     def __init__(self, every: float = 0.01) -> None:
-        self._every = every
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._hz = os.sysconf("SC_CLK_TCK")
+        self._sampling = _Sampling("stat", every)
         self.shortest = CPU_WINDOW_MIN
         self.samples: list[tuple[float, float]] = []  # (time.time(), busy seconds)
 
     def __enter__(self) -> CpuSampler:
-        self._sample()
-        self._thread = threading.Thread(target=self._run, name="cpu-sampler", daemon=True)
-        self._thread.start()
+        self._sampling.start()
         return self
 
-    def _run(self) -> None:
-        while not self._stop.wait(self._every):
-            self._sample()
-
-    def _sample(self) -> None:
-        with open("/proc/stat") as f:
-            fields = [int(x) for x in f.readline().split()[1:]]
-        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
-        self.samples.append((time.time(), (sum(fields[:8]) - idle) / self._hz))
-
     def __exit__(self, *exc_info: object) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-        self._sample()
+        self.samples = self._sampling.stop()
 
     def busy_between(self, start: float, end: float) -> float | None:
         """CPU-seconds the machine was busy from `start` to `end` (time.time()),
