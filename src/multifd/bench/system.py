@@ -85,23 +85,27 @@ class _Sampling:
 
 
 class PeakSampler:
-    """Samples one /proc status field of a process and keeps the peak: the
-    kernel keeps a peak (VmHWM) only for the whole RSS, not per kind."""
+    """Samples one /proc status field of a process from `__enter__` to
+    `__exit__` and keeps the first value and the peak: the kernel keeps a peak
+    (VmHWM) only for the whole RSS, not per kind."""
 
     def __init__(self, field: str = "RssAnon", pid: int | str = "self", every: float = 0.02):
-        self._field = field
-        self._pid = os.getpid() if pid == "self" else pid
-        self._sampling = _Sampling(f"status:{self._pid}:{field}", every)
-        self.before = proc_status(self._pid).get(field, 0)
-        self.peak = self.before
+        pid = os.getpid() if pid == "self" else pid
+        self._sampling = _Sampling(f"status:{pid}:{field}", every)
+        # Both from the sampler, the first taken as the window opens: a value
+        # read here, before the sampler started, may be from another moment
+        # (a QEMU just started was seen 5 MiB larger here than 40 ms later).
+        self.before = 0
+        self.peak = 0
 
     def __enter__(self) -> PeakSampler:
         self._sampling.start()
         return self
 
     def __exit__(self, *exc_info: object) -> None:
-        samples = self._sampling.stop()
-        self.peak = max([self.peak, *(int(v) for _, v in samples)])
+        values = [int(v) for _, v in self._sampling.stop()]
+        if values:
+            self.before, self.peak = values[0], max(values)
 
     @property
     def growth(self) -> int:
