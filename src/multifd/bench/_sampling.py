@@ -1,9 +1,9 @@
 """A sampler in a process of its own, run as a script by `system.py`.
 
 A sampling thread inside the benchmark's process takes the GIL a hundred
-times a second from a Python source under test (measured: 5 % slower
-Python→Python migrations), and not from a QEMU one: the comparison would
-lean against Python. So this script, which imports nothing but the standard
+times a second from a Python source under test (measured: its user time up
+by 0.045 s per GiB, and slow outliers), and not from a QEMU one: the
+comparison would lean against Python. So this script, which imports nothing but the standard
 library, samples one /proc figure every EVERY seconds until its stdin closes,
 then prints every sample as JSON: a list of [time.time(), value].
 
