@@ -83,3 +83,13 @@ def test_a_sampler_that_cannot_start_says_which(monkeypatch: pytest.MonkeyPatch)
     ):
         sampler.__enter__()
     assert _children() == children
+
+
+def test_a_sampler_that_dies_while_sampling_says_which() -> None:
+    sampler = CpuSampler(every=0.005)
+    died = r"the sampler stat every 0\.005 s failed: exit status -9, no samples"
+    with pytest.raises(RuntimeError, match=died), sampler:
+        process = sampler._sampling._process
+        assert process is not None
+        process.kill()
+        process.wait()

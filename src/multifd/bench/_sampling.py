@@ -1,4 +1,6 @@
-"""A sampler in a process of its own, run as a script by `system.py`.
+"""A sampler in a process of its own, run as a script by `system.py`; the
+benchmark imports `proc_status` from here too, so this file may import
+nothing of the package.
 
 A sampling thread inside the benchmark's process takes the GIL a hundred
 times a second from a Python source under test (measured: its user time up
@@ -32,17 +34,20 @@ def busy_cpu_seconds(hz: int) -> float:
     return (sum(fields[:8]) - idle) / hz
 
 
-def status_bytes(pid: str, field: str) -> float:
-    """A kB field of /proc/PID/status in bytes; 0 once the process is gone."""
+def proc_status(pid: int | str = "self") -> dict[str, int]:
+    """The memory fields of /proc/<pid>/status, in bytes (VmRSS, VmHWM, RssAnon...);
+    none once the process is gone."""
+    fields: dict[str, int] = {}
     try:
         with open(f"/proc/{pid}/status") as f:
             for line in f:
                 name, _, value = line.partition(":")
-                if name == field:
-                    return float(int(value.split()[0]) * 1024)
-    except (OSError, ValueError, IndexError):
+                parts = value.split()
+                if len(parts) == 2 and parts[1] == "kB":
+                    fields[name] = int(parts[0]) * 1024
+    except OSError:
         pass
-    return 0.0
+    return fields
 
 
 def reader(what: str) -> Callable[[], float]:
@@ -53,7 +58,7 @@ def reader(what: str) -> Callable[[], float]:
     pid, _, field = rest.partition(":")
     if kind != "status" or not pid or not field:
         raise SystemExit(f"_sampling.py: cannot sample {what!r}")
-    return lambda: status_bytes(pid, field)
+    return lambda: float(proc_status(pid).get(field, 0))
 
 
 def main() -> None:

@@ -12,7 +12,7 @@ from typing import Any
 
 from ..memory import RAMBlock
 from ..migration.destination import MigrationDestination
-from .system import proc_status
+from ._sampling import proc_status
 
 
 @dataclass(frozen=True)

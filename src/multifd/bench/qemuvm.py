@@ -10,8 +10,8 @@ from typing import Any
 from ..qemu.launch import QemuVM
 from ..qemu.qmp import QMPConnection
 from ..qemu.snapshot import UNLIMITED_BANDWIDTH
+from ._sampling import proc_status
 from .options import BULK_DOWNTIME_LIMIT_MS
-from .system import proc_status
 
 POLL = 0.02
 FINISHED = ("completed", "failed", "cancelled")

@@ -1,6 +1,6 @@
 """What a benchmark records about where it ran, and how it reads memory figures:
-machine and versions, /proc status fields, peak and CPU samplers (each in a
-process of its own, see _sampling.py), medians."""
+machine and versions, peak and CPU samplers (each in a process of its own,
+see _sampling.py), medians."""
 
 from __future__ import annotations
 
@@ -26,21 +26,6 @@ GB = 1e9  # throughput figures are in GB/s of 1e9 bytes, as QEMU's mbps is decim
 
 def median(values: Sequence[float]) -> float:
     return float(statistics.median(values))
-
-
-def proc_status(pid: int | str = "self") -> dict[str, int]:
-    """The memory fields of /proc/<pid>/status, in bytes (VmRSS, VmHWM, RssAnon...)."""
-    fields: dict[str, int] = {}
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                name, _, value = line.partition(":")
-                parts = value.split()
-                if len(parts) == 2 and parts[1] == "kB":
-                    fields[name] = int(parts[0]) * 1024
-    except OSError:
-        pass
-    return fields
 
 
 _SAMPLING_SCRIPT = Path(__file__).with_name("_sampling.py")
@@ -76,12 +61,16 @@ class _Sampling:
             return []
         process, self._process = self._process, None
         try:
-            out, _ = process.communicate(timeout=10)  # closes its stdin: the end
+            out, err = process.communicate(timeout=10)  # closes its stdin: the end
         except subprocess.TimeoutExpired:
             process.kill()
             process.communicate()
             raise RuntimeError(f"the sampler {self._what} did not stop") from None
-        return [(float(t), float(v)) for t, v in json.loads(out)]
+        try:
+            return [(float(t), float(v)) for t, v in json.loads(out)]
+        except (ValueError, TypeError):
+            reason = err.strip() or f"exit status {process.returncode}, no samples"
+            raise RuntimeError(f"the sampler {self._what} failed: {reason}") from None
 
 
 class PeakSampler:
