@@ -9,11 +9,14 @@ import io
 import json
 import multiprocessing as mp
 import os
+import socket
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from rich.console import Console
 
@@ -31,8 +34,11 @@ from multifd.bench import (
 from multifd.bench.command import run_command
 from multifd.bench.content import make_content
 from multifd.bench.endpoint import DestinationSpec, _destination_main
-from multifd.bench.loopback import Loopback
+from multifd.bench.loopback import Loopback, _lend_share
+from multifd.bench.report import sections
 from multifd.bench.system import CpuSampler
+from multifd.channels.iovec import buffer_address
+from multifd.memory import PAGE_SIZE, zero_mask
 from multifd.qemu.launch import qemu_binary
 
 BULK_KEYS = {"pairing", "channels", "seconds", "gbps", "ratio_to_qemu"}
@@ -100,6 +106,17 @@ def test_shape_and_figures(result: dict[str, Any]) -> None:
         assert set(entry) >= LOOPBACK_KEYS
         _positive(entry, "gbps", "python_python_fraction")
 
+    # The floor moves the pages that are not zero: about 75 % of them, never all.
+    size = result["options"]["size"]
+    assert [e["channels"] for e in result["floor"]] == [1, 2]
+    for entry in result["floor"]:
+        assert entry["skipped"] is None
+        _positive(entry, "seconds", "gbps", "wire_gbps", "best_gbps", "python_python_fraction")
+        assert entry["bytes"] % PAGE_SIZE == 0
+        assert 0.7 * size < entry["bytes"] < 0.8 * size
+        assert entry["gbps"] == pytest.approx(size / entry["seconds"] / 1e9)
+        assert entry["wire_gbps"] == pytest.approx(entry["bytes"] / entry["seconds"] / 1e9)
+
     kinds = {e["tracker"] for e in result["tracker"]}
     assert kinds == {"kernel", "hash"}
     for entry in result["tracker"]:
@@ -144,6 +161,20 @@ def test_the_fraction_is_against_the_same_runs_loopback(result: dict[str, Any]) 
             assert entry["wire_fraction_of_loopback"] == pytest.approx(entry["wire_gbps"] / ceiling)
 
 
+def test_the_floor_fraction_is_against_the_same_runs_fastest_floor(
+    result: dict[str, Any],
+) -> None:
+    size = result["options"]["size"]
+    floor = {e["channels"]: e for e in result["floor"]}
+    for entry in floor.values():
+        assert entry["best_gbps"] == pytest.approx(size / min(entry["runs_seconds"]) / 1e9)
+    for entry in result["bulk"]:
+        if entry["pairing"] == "python-python":
+            lent = floor[entry["channels"]]
+            assert entry["fraction_of_floor"] == pytest.approx(entry["gbps"] / lent["best_gbps"])
+            assert lent["python_python_fraction"] == entry["fraction_of_floor"]
+
+
 def test_loopback_runs_between_the_bulk_runs_it_is_compared_with() -> None:
     said: list[str] = []
     options = BenchOptions(
@@ -164,6 +195,7 @@ def test_loopback_runs_between_the_bulk_runs_it_is_compared_with() -> None:
         for step in (
             f"bulk python-python x{channels} run {index}/2",
             f"loopback x{channels} run {index}/2",
+            f"floor x{channels} run {index}/2",
         )
     ], said
     assert [e["channels"] for e in result["loopback"]] == [1, 2]
@@ -192,6 +224,52 @@ def test_a_loopback_session_leaves_its_socket_behind_for_no_one(tmp_path: Path) 
     assert loopback.entries()[0]["gbps"] > 0
 
 
+def test_the_floor_lends_exactly_the_pages_it_is_given(tmp_path: Path) -> None:
+    content = make_content(tmp_path, 1 << 20)
+    with content.block() as block:
+        pages = np.flatnonzero(~zero_mask(block))
+        expected = b"".join(
+            bytes(block.buffer[p * PAGE_SIZE : (p + 1) * PAGE_SIZE]) for p in pages.tolist()
+        )
+        sender, receiver = socket.socketpair()
+        got = bytearray()
+
+        def receive() -> None:
+            with receiver:
+                header = receiver.recv(16, socket.MSG_WAITALL)
+                length = int.from_bytes(header[8:], "little")
+                while len(got) < length and (data := receiver.recv(1 << 20)):
+                    got.extend(data)
+                receiver.sendall(b"k")
+
+        thread = threading.Thread(target=receive)
+        thread.start()
+        errors: list[str] = []
+        base = buffer_address(block.buffer)
+        _lend_share(sender, base, pages, 4096, errors)
+        thread.join()
+    assert errors == []
+    assert 0 < len(pages) < block.pages
+    assert bytes(got) == expected
+
+
+def test_the_floor_over_tcp_is_skipped_with_its_reason(tmp_path: Path) -> None:
+    options = BenchOptions(size=1 << 20, channels=(1,), runs=1, warmup=0, transport="tcp")
+    content = make_content(tmp_path, options.size)
+    said: list[str] = []
+    options.progress = said.append
+    with Loopback(options, content, tmp_path) as loopback:
+        loopback.run(1, 0)
+    assert not any(line.startswith("floor") for line in said), said
+    (entry,) = loopback.floor_entries()
+    assert entry["skipped"] == "the source lends pages over unix sockets only (TCP copies them)"
+    assert entry["gbps"] is None and entry["bytes"] is None
+    assert loopback.entries()[0]["gbps"] > 0
+    only_floor = {"bulk": [], "live": [], "loopback": [], "tracker": []}
+    (section,) = sections({**only_floor, "floor": loopback.floor_entries()})
+    assert section.rows[0][-1] == f"skipped: {entry['skipped']}"
+
+
 def test_a_loopback_receiver_that_cannot_listen_is_named(tmp_path: Path) -> None:
     options = BenchOptions(size=1 << 20, channels=(1,), runs=1, warmup=0)
     content = make_content(tmp_path, options.size)
@@ -209,7 +287,11 @@ def test_tables_render(result: dict[str, Any]) -> None:
     assert "Python→Python" in text and "skipped" in text
     table = markdown(result)
     assert "| ch | pairing |" in table
+    assert "Floor: the pages that are not zero" in table
     assert result["machine"]["kernel"] in table
+    # Results measured before the floor existed still render.
+    older = {k: v for k, v in result.items() if k != "floor"}
+    assert "Floor:" not in markdown(older) and "| ch | pairing |" in markdown(older)
 
 
 def test_plot_only_with_matplotlib(

@@ -193,6 +193,50 @@ def _loopback(result: dict[str, Any]) -> Section:
     return section
 
 
+def _floor(result: dict[str, Any]) -> Section:
+    section = Section(
+        "Floor: the pages that are not zero, lent as the Python source lends them",
+        [
+            "ch",
+            "transport",
+            "seconds",
+            "runs (s)",
+            "GB/s",
+            "best GB/s",
+            "Python→Python GB/s",
+            "fraction",
+            "note",
+        ],
+    )
+    floor = result.get("floor", [])  # absent from results older than the floor
+    for e in floor:
+        times = e.get("runs_seconds") or []
+        spread = f"{min(times):.3f}–{max(times):.3f}" if times else "–"
+        section.rows.append(
+            [
+                str(e["channels"]),
+                e["transport"],
+                _f(e.get("seconds"), 3),
+                spread,
+                _f(e["gbps"]),
+                _f(e.get("best_gbps")),
+                _f(e.get("python_python_gbps")),
+                _f(e.get("python_python_fraction")),
+                _why(e),
+            ]
+        )
+    if any(e["gbps"] for e in floor):
+        section.notes.append(
+            "The same connections and receiver as the loopback runs, carrying only the pages "
+            "that are not zero, lent with vmsplice from a mapping already faulted in "
+            "(Channel.write_lent, as the Python source's channels lend them): no zero scan, no "
+            "packets, no protocol. GB/s = RAM size / seconds, as a migration's; fraction = "
+            "Python→Python bulk GB/s (median) ÷ best floor GB/s. What is left between the two "
+            "is the source's zero scan, its page faults, and both ends' Python and protocol work."
+        )
+    return section
+
+
 def _tracker(result: dict[str, Any]) -> Section:
     section = Section(
         "Dirty tracking: collect-and-reprotect, and the writer's extra cost",
@@ -267,7 +311,7 @@ def _memory(result: dict[str, Any]) -> Section:
 
 
 def sections(result: dict[str, Any]) -> list[Section]:
-    chosen = [_bulk, _live, _loopback, _tracker, _memory]
+    chosen = [_bulk, _live, _loopback, _floor, _tracker, _memory]
     return [s for s in (make(result) for make in chosen) if s.rows]
 
 
@@ -354,8 +398,8 @@ def markdown(result: dict[str, Any]) -> str:
 
 
 def plot(result: dict[str, Any], path: Path) -> str:
-    """Bulk and loopback GB/s by channel count as a PNG, if matplotlib is there;
-    returns what happened, in a sentence."""
+    """Bulk, loopback and floor GB/s by channel count as a PNG, if matplotlib is
+    there; returns what happened, in a sentence."""
     try:
         import matplotlib
 
@@ -369,9 +413,10 @@ def plot(result: dict[str, Any], path: Path) -> str:
         points = [p for p in points if p[1] is not None]
         if points:
             axes.plot(*zip(*points, strict=True), marker="o", label=f"{label} (RAM GB/s)")
-    loop = [(e["channels"], e["gbps"]) for e in result["loopback"] if e["gbps"]]
-    if loop:
-        axes.plot(*zip(*loop, strict=True), marker="s", linestyle="--", label="raw loopback")
+    for key, label in (("loopback", "raw loopback"), ("floor", "floor (RAM GB/s)")):
+        line = [(e["channels"], e["gbps"]) for e in result.get(key, []) if e["gbps"]]
+        if line:
+            axes.plot(*zip(*line, strict=True), marker="s", linestyle="--", label=label)
     axes.set_xlabel("multifd channels")
     axes.set_ylabel("GB/s")
     axes.set_title(f"multifd bench, {human(result['options']['size'])} RAM")

@@ -56,6 +56,7 @@ def run_bench(options: BenchOptions) -> dict[str, Any]:
         "bulk": [],
         "live": [],
         "loopback": [],
+        "floor": [],
         "tracker": [],
     }
     scenarios = options.scenarios
@@ -78,8 +79,12 @@ def run_bench(options: BenchOptions) -> dict[str, Any]:
                     result["bulk"] = bulk.measure()
                     if loopback is not None:
                         result["loopback"] = loopback.entries()
+                        result["floor"] = loopback.floor_entries()
             elif "loopback" in scenarios:
-                result["loopback"] = Loopback(options, content, workdir).measure()
+                loopback = Loopback(options, content, workdir)
+                loopback.measure()
+                result["loopback"] = loopback.entries()
+                result["floor"] = loopback.floor_entries()
             if "live" in scenarios:
                 result["live"] = Live(options, content, workdir).measure()
     _relate_to_loopback(result)
@@ -89,9 +94,10 @@ def run_bench(options: BenchOptions) -> dict[str, Any]:
 
 
 def _relate_to_loopback(result: dict[str, Any]) -> None:
-    """Python→Python bulk as a fraction of raw loopback at the same channel count
-    and transport. Loopback carries the whole RAM, so `fraction` compares RAM
-    moved per second; `wire_fraction` compares bytes on the wire per second.
+    """Python→Python bulk as a fraction of raw loopback, and of the floor, at
+    the same channel count and transport. Loopback carries the whole RAM, so
+    `fraction` compares RAM moved per second; `wire_fraction` compares bytes on
+    the wire per second.
 
     The ceiling is the fastest loopback run, not the median: one connection's
     loopback swings between 1 and 5 GB/s on a 2-CPU machine, by whether the
@@ -99,21 +105,31 @@ def _relate_to_loopback(result: dict[str, Any]) -> None:
     a CPU idle), so one run in a few sits far below what the machine carries.
     """
     ceiling = {(e["channels"], e["transport"]): e for e in result["loopback"] if e["gbps"]}
+    floor = {(e["channels"], e["transport"]): e for e in result["floor"] if e["gbps"]}
     for entry in result["bulk"]:
-        loop = ceiling.get((entry["channels"], entry["transport"]))
-        if entry["pairing"] != "python-python" or loop is None or not entry["gbps"]:
+        if entry["pairing"] != "python-python" or not entry["gbps"]:
             continue
-        entry["fraction_of_loopback"] = entry["gbps"] / loop["best_gbps"]
-        entry["wire_fraction_of_loopback"] = entry["wire_gbps"] / loop["best_gbps"]
-        loop["python_python_gbps"] = entry["gbps"]
-        loop["python_python_fraction"] = entry["fraction_of_loopback"]
-        loop["python_python_wire_fraction"] = entry["wire_fraction_of_loopback"]
+        key = (entry["channels"], entry["transport"])
+        loop = ceiling.get(key)
+        if loop is not None:
+            entry["fraction_of_loopback"] = entry["gbps"] / loop["best_gbps"]
+            entry["wire_fraction_of_loopback"] = entry["wire_gbps"] / loop["best_gbps"]
+            loop["python_python_gbps"] = entry["gbps"]
+            loop["python_python_fraction"] = entry["fraction_of_loopback"]
+            loop["python_python_wire_fraction"] = entry["wire_fraction_of_loopback"]
+        lent = floor.get(key)
+        if lent is not None:
+            # RAM moved per second against RAM moved per second: the floor's
+            # fastest time divided by the migration's median time.
+            entry["fraction_of_floor"] = entry["gbps"] / lent["best_gbps"]
+            lent["python_python_gbps"] = entry["gbps"]
+            lent["python_python_fraction"] = entry["fraction_of_floor"]
 
 
 def failures(result: dict[str, Any]) -> list[str]:
     """Every figure that could not be measured because a run failed."""
     found = []
-    for scenario in ("bulk", "live", "loopback"):
+    for scenario in ("bulk", "live", "loopback", "floor"):
         for entry in result[scenario]:
             if entry.get("error"):
                 found.append(f"{scenario}: {entry['error']}")
