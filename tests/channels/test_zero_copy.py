@@ -274,6 +274,39 @@ def test_iovec_advance_keeps_exactly_the_bytes_not_yet_moved(
     assert iov.total == len(rest)
 
 
+@given(
+    steps=st.lists(
+        st.tuples(
+            st.sampled_from(["then", "pages", "append", "advance"]),
+            st.integers(1, 130),  # pages
+            st.sampled_from([1 << 20, 1 << 30]),  # the block's address
+            st.sampled_from([0x5000, 0x9000]),  # the extra range's address
+        ),
+        min_size=1,
+        max_size=12,
+    )
+)
+def test_set_pages_then_gives_the_same_table_whatever_came_before(
+    steps: list[tuple[str, int, int, int]],
+) -> None:
+    # The lengths and the last range are rewritten only when they change: any
+    # other use of the table in between must not leave a stale row behind.
+    iov = IOVec(256)
+    for kind, n, base, extra in steps:
+        offsets = np.arange(n, dtype=np.uint64)[::-1] * np.uint64(4096)
+        if kind == "then":
+            iov.set_pages_then(base, offsets, 4096, extra, 1344)
+            expected = [[base + int(o), 4096] for o in offsets] + [[extra, 1344]]
+            assert iov.table[: iov.count].tolist() == expected
+            assert iov.total == n * 4096 + 1344
+        elif kind == "pages":
+            iov.set_pages(base, offsets, 512)
+        elif kind == "append":
+            iov.append(extra, 100)
+        elif iov.total:
+            iov.advance(iov.total // 3)
+
+
 def test_without_vmsplice_a_unix_socket_copies(
     ram: np.ndarray, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -9,6 +9,7 @@ seen every channel reach its SYNC (QEMU's multifd_recv_sync_main).
 
 from __future__ import annotations
 
+import struct
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -35,6 +36,8 @@ from .stats import ChannelStats, MigrationAborted
 
 # Packets whose pages a receive thread notes before marking them in the received map.
 WRITTEN_BATCH = 64
+_OFFSET = struct.Struct(">Q")  # one page offset, as the header holds it
+_largest = np.maximum.reduce  # ndarray.max() adds a Python-level wrapper per call
 
 
 class _RecvChannel:
@@ -49,8 +52,9 @@ class _RecvChannel:
         # (packet_num, block, offset), to count QEMU 7.2's repeats (see `sync`).
         self.heads: list[tuple[int, str, int]] = []
         self.tails: list[tuple[int, str, int]] = []
-        # Pages written and not yet marked in the received map: (block, byte offsets).
-        self.written: list[tuple[str, np.ndarray]] = []
+        # Pages written and not yet marked in the received map: (block, byte
+        # offsets as big-endian u64, as the headers hold them).
+        self.written: list[tuple[str, bytes]] = []
         self.thread: threading.Thread | None = None
         # Every header lands in the same buffer: no allocation per packet.
         self.header = bytearray(PACKET_HEADER_SIZE)
@@ -62,6 +66,10 @@ class _RecvChannel:
         # A packet's pages and the next header, for one recvmsg.
         self.iov = IOVec()
         self.header_address = buffer_address(self.header)
+        # The header's offset slots, as they are on the wire (big-endian).
+        self.offset_slots = np.frombuffer(
+            self.header, dtype=">u8", count=PAGES_PER_PACKET, offset=HEADER_FIXED_SIZE
+        )
 
 
 class MultifdReceiver:
@@ -186,12 +194,13 @@ class MultifdReceiver:
 
     def _hand_over(self, rc: _RecvChannel) -> None:
         """The pages `rc` wrote since it last handed them over, marked at once."""
-        by_block: dict[str, list[np.ndarray]] = {}
+        by_block: dict[str, list[bytes]] = {}
         for name, offsets in rc.written:
             by_block.setdefault(name, []).append(offsets)
         rc.written.clear()
         for name, parts in by_block.items():
-            self._received.wrote(name, np.concatenate(parts))
+            offsets = np.frombuffer(b"".join(parts), dtype=">u8").astype(np.uint64)
+            self._received.wrote(name, offsets)
 
     @property
     def stats(self) -> list[ChannelStats]:
@@ -289,18 +298,21 @@ class MultifdReceiver:
         if block is None:
             return False
         name, address, last = block
-        offsets = np.frombuffer(
-            rc.header, dtype=">u8", count=normal, offset=HEADER_FIXED_SIZE
-        ).astype(np.uint64)
-        if offsets.max() > last:
+        header = rc.header
+        end = HEADER_FIXED_SIZE + 8 * normal
+        # Native copies: the read below overwrites the header.
+        offsets = rc.offset_slots[:normal].astype(np.uint64)
+        if _largest(offsets) > last:
             return False
-        rc.iov.set_pages(address, offsets, TARGET_PAGE_SIZE)
-        self._read_pages_and_next_header(rc)
-        self._note(rc, name, offsets)
-        rc.stats.pages += normal
-        rc.heads.append((packet_num, name, int(offsets[0])))
+        rc.iov.set_pages_then(
+            address, offsets, TARGET_PAGE_SIZE, rc.header_address, PACKET_HEADER_SIZE
+        )
+        self._note(rc, name, bytes(header[HEADER_FIXED_SIZE:end]))
+        rc.heads.append((packet_num, name, _OFFSET.unpack_from(header, HEADER_FIXED_SIZE)[0]))
         if normal == PAGES_PER_PACKET:
-            rc.tails.append((packet_num, name, int(offsets[-1])))
+            rc.tails.append((packet_num, name, _OFFSET.unpack_from(header, end - 8)[0]))
+        self._read_pages_and_next_header(rc, appended=True)
+        rc.stats.pages += normal
         return True
 
     def _note_ends(
@@ -314,23 +326,26 @@ class MultifdReceiver:
         if packet.normal_pages == PAGES_PER_PACKET:
             rc.tails.append((packet.packet_num, name, int(offsets[-1])))
 
-    def _note(self, rc: _RecvChannel, name: str, offsets: np.ndarray) -> None:
-        """Pages written: marked WRITTEN_BATCH packets at a time, since one
-        numpy operation per packet cost a quarter of the loop's Python, and
-        keeping them all until the sync, memory in proportion to the RAM."""
+    def _note(self, rc: _RecvChannel, name: str, offsets: bytes) -> None:
+        """Pages written (their offsets big-endian): marked WRITTEN_BATCH
+        packets at a time, since one numpy operation per packet cost a quarter
+        of the loop's Python, and keeping them all until the sync, memory in
+        proportion to the RAM."""
         rc.written.append((name, offsets))
         if len(rc.written) >= WRITTEN_BATCH:
             self._hand_over(rc)
 
     @staticmethod
-    def _read_pages_and_next_header(rc: _RecvChannel) -> None:
+    def _read_pages_and_next_header(rc: _RecvChannel, *, appended: bool = False) -> None:
         """The pages, and in the same system call the next packet's header: the
         Python work between two reads, not the copying, is what a fast peer
         waits for (QEMU's default socket buffer holds less than a packet). A
         source always follows a packet of pages with another packet (at least
         the SYNC of the round) or closes the channel, so this never waits for
-        bytes that are not coming."""
-        rc.iov.append(rc.header_address, PACKET_HEADER_SIZE)
+        bytes that are not coming. `appended`: the header's range is in the
+        table already."""
+        if not appended:
+            rc.iov.append(rc.header_address, PACKET_HEADER_SIZE)
         try:
             rc.channel.read_iovec(rc.iov)
         except ChannelEOFError as exc:
@@ -356,7 +371,7 @@ class MultifdReceiver:
                 data = rc.decompressor.decompress(payload, normal * TARGET_PAGE_SIZE, where)
                 pages = np.frombuffer(data, dtype=np.uint8).reshape(normal, TARGET_PAGE_SIZE)
                 _scatter(array, data_offsets, pages, aligned)
-            self._note(rc, name, data_offsets)
+            self._note(rc, name, data_offsets.astype(">u8").tobytes())
             rc.stats.pages += normal
             self._note_ends(rc, packet, name, data_offsets)
         # 9.0's zero pages: as QEMU, those of fresh memory not written since are left alone.
