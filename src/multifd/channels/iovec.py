@@ -32,11 +32,14 @@ def buffer_address(buffer: bytearray | memoryview | np.ndarray) -> int:
 
 
 class IOVec:
-    """A struct iovec[] with room for `capacity` ranges; `count` are in use."""
+    """A struct iovec[] with room for `capacity` ranges; `count` are in use,
+    from row `start` (`address` is that row's): a call that moved whole ranges
+    drops them by moving `start`, with no copy of the rest."""
 
     def __init__(self, capacity: int = IOVEC_CAPACITY) -> None:
         self.table = np.zeros((capacity, 2), dtype=np.uint64)
-        self.address = int(self.table.ctypes.data)
+        self._table_address = int(self.table.ctypes.data)
+        self.start = 0
         self.count = 0
         self.total = 0  # bytes in the ranges in use
         # What set_pages_then left in the lengths column and the row after the
@@ -46,12 +49,23 @@ class IOVec:
         self._base = np.array(0, dtype=np.uint64)
         self._base_value = 0
 
+    @property
+    def address(self) -> int:
+        """The address of the first range in use, as a struct iovec *."""
+        return self._table_address + self.start * self.table.itemsize * 2
+
+    @property
+    def rows(self) -> np.ndarray:
+        """The ranges in use, (address, length) rows."""
+        return self.table[self.start : self.start + self.count]
+
     def set_pages(self, base: int, offsets: np.ndarray, size: int) -> None:
         """One range of `size` bytes at `base + offset` for each offset (an
         unsigned array, checked against the memory at `base` by the caller)."""
         n = len(offsets)
         np.add(offsets, base, out=self.table[:n, 0], casting="unsafe")
         self.table[:n, 1] = size
+        self.start = 0
         self.count = n
         self.total = n * size
         self._layout = None
@@ -75,6 +89,7 @@ class IOVec:
             self._base = np.array(base, dtype=np.uint64)
             self._base_value = base
         np.add(offsets, self._base, out=self._addresses)
+        self.start = 0
         self.count = n + 1
         self.total = n * size + length
 
@@ -104,13 +119,14 @@ class IOVec:
         page_rows = page + page // per_packet + 1  # after its packet's header
         table[page_rows, 0] = np.asarray(offsets, dtype=np.uint64) + np.uint64(base)
         table[page_rows, 1] = size
+        self.start = 0
         self.count = rows
         self.total = packets * header_size + n * size
         self._layout = None
 
     def append(self, address: int, length: int) -> None:
         """One more range at the end."""
-        row = self.table[self.count]
+        row = self.table[self.start + self.count]
         row[0] = address
         row[1] = length
         self.count += 1
@@ -122,22 +138,33 @@ class IOVec:
         (TLS, pipes and files) and for the rest of a read cut short."""
         return [
             memoryview((ctypes.c_char * length).from_address(address)).cast("B")
-            for address, length in self.table[: self.count].tolist()
+            for address, length in self.rows.tolist()
         ]
+
+    def head_bytes(self, count: int) -> int:
+        """The bytes in the first `count` ranges in use."""
+        return int(np.add.reduce(self.table[self.start : self.start + count, 1]))
+
+    def drop(self, count: int, length: int) -> None:
+        """Drop the first `count` ranges, `length` bytes in all (head_bytes)."""
+        self.start += count
+        self.count -= count
+        self.total -= length
 
     def advance(self, n: int) -> None:
         """Drop the first `n` bytes: after a call that moved only part of them."""
         if n == self.total:
+            self.start += self.count
             self.count = self.total = 0
             return
-        ends = np.cumsum(self.table[: self.count, 1])
+        ends = np.cumsum(self.rows[:, 1])
         done = int(np.searchsorted(ends, n, side="right"))  # ranges wholly moved
-        rest = self.table[done : self.count].copy()
-        if len(rest):
-            into = n - (int(ends[done - 1]) if done else 0)
-            rest[0, 0] += into
-            rest[0, 1] -= into
-        self.table[: len(rest)] = rest
-        self.count = len(rest)
-        self.total -= n
-        self._layout = None
+        if done:
+            self.drop(done, int(ends[done - 1]))
+        into = n - (int(ends[done - 1]) if done else 0)
+        if into:  # a range moved in part: what is left of it
+            row = self.table[self.start]
+            row[0] += into
+            row[1] -= into
+            self.total -= into
+            self._layout = None

@@ -22,6 +22,8 @@ from .iovec import IOV_MAX, IOVec
 # default) caps what an unprivileged process may ask for, hence the fallbacks.
 PIPE_SIZES = (1 << 20, 256 << 10)
 _F_SETPIPE_SZ = 1031
+_F_GETPIPE_SZ = 1032
+_PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 _SPLICE_F_NONBLOCK = 0x02
 _SIOCOUTQ = 0x5411
 
@@ -44,6 +46,12 @@ class SplicePipe:
             with contextlib.suppress(OSError):
                 fcntl.fcntl(self._write_fd, _F_SETPIPE_SZ, size)
                 break
+        # Ranges one lending offers: an empty pipe takes them all (a range of
+        # at most a page fills one slot, or two where it straddles pages; a
+        # batch has a header, the only such range, every 129), so that the
+        # ranges lent are dropped whole, without working out where one ended.
+        slots = fcntl.fcntl(self._write_fd, _F_GETPIPE_SZ) // _PAGE_SIZE
+        self._lend_rows = max(1, slots - slots // 64 - 1)
         self.queued = 0  # bytes in the pipe, not yet in the socket
 
     def put(self, view: memoryview) -> int:
@@ -56,14 +64,21 @@ class SplicePipe:
         return n
 
     def lend_iovec(self, iov: IOVec) -> int:
-        """Lend the ranges of `iov` to the pipe; returns how many bytes went in
-        (0: full). What did not fit is still in `iov`, advanced."""
+        """Lend ranges of `iov` to the pipe, as many as an empty pipe takes;
+        returns how many bytes went in (0: full). What did not go in is still
+        in `iov`, advanced."""
+        rows = min(iov.count, IOV_MAX, self._lend_rows)
         try:
-            n = vmsplice(self._write_fd, iov.address, min(iov.count, IOV_MAX), _SPLICE_F_NONBLOCK)
+            n = vmsplice(self._write_fd, iov.address, rows, _SPLICE_F_NONBLOCK)
         except BlockingIOError:
             return 0
         self.queued += n
-        iov.advance(n)
+        if n == iov.total:
+            iov.advance(n)
+        elif n == (offered := iov.head_bytes(rows)):
+            iov.drop(rows, offered)
+        else:  # a pipe not empty, or a range that filled more slots than thought
+            iov.advance(n)
         return n
 
     def drain_some(self, socket_fd: int) -> int:

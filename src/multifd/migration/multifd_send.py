@@ -297,10 +297,11 @@ class MultifdSender:
             parts.append(header)
             parts.extend(payload)
         start = sc.channel.bytes_written
+        expected = int(sizes.sum()) + len(sizes) * PACKET_HEADER_SIZE
         try:
             sc.channel.writev_all(parts)
         finally:
-            self._count_written(sc, batch, start, sizes)
+            self._count_written(sc, batch, start, expected, sizes)
 
     def _write_lent(self, sc: _SendChannel, batch: _Batch) -> None:
         """The batch's headers and pages, lent rather than copied (see
@@ -322,22 +323,36 @@ class MultifdSender:
             TARGET_PAGE_SIZE,
             PAGES_PER_PACKET,
         )
-        sizes = np.array([len(p) for p in batch.packet_pages()], dtype=np.uint64)
-        sizes *= np.uint64(TARGET_PAGE_SIZE)
         start = sc.channel.bytes_written
+        expected = sc.iov.total
         try:
             # The headers are lent too: the channel holds them until they are read.
             sc.channel.write_lent(sc.iov, keep=headers)
         finally:
-            self._count_written(sc, batch, start, sizes)
+            self._count_written(sc, batch, start, expected)
 
     @staticmethod
-    def _count_written(sc: _SendChannel, batch: _Batch, start: int, sizes: np.ndarray) -> None:
-        """Count what went out of a batch whose packets' payloads have `sizes`,
-        so that an error names the packet it broke in."""
+    def _count_written(
+        sc: _SendChannel,
+        batch: _Batch,
+        start: int,
+        expected: int,
+        sizes: np.ndarray | None = None,
+    ) -> None:
+        """Count what went out of a batch of `expected` bytes whose packets'
+        payloads have `sizes` (default: their pages, uncompressed); of a batch
+        cut short, the packets it holds whole, so that an error names the
+        packet it broke in."""
         written = sc.channel.bytes_written - start
+        sc.stats.bytes += written
+        if written == expected:
+            sc.stats.packets += -(-len(batch.pages) // PAGES_PER_PACKET)
+            sc.stats.pages += len(batch.pages)
+            return
+        if sizes is None:
+            sizes = np.array([len(p) for p in batch.packet_pages()], dtype=np.uint64)
+            sizes *= np.uint64(TARGET_PAGE_SIZE)
         ends = np.cumsum(sizes + np.uint64(PACKET_HEADER_SIZE))
         done = int(np.searchsorted(ends, written, side="right"))
-        sc.stats.bytes += written
         sc.stats.packets += done
         sc.stats.pages += min(done * PAGES_PER_PACKET, len(batch.pages))
