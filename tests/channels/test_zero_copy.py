@@ -285,31 +285,48 @@ def test_iovec_advance_keeps_exactly_the_bytes_not_yet_moved(
         assert iov.address == buffer_address(iov.table) + 16 * iov.start
 
 
+def _packet_rows(headers: int, base: int, offsets: np.ndarray) -> list[list[int]]:
+    """set_packets's table, one range at a time: a 40-byte header, then up to
+    128 pages of 4096 bytes."""
+    rows = []
+    for i in range(0, len(offsets), 128):
+        rows.append([headers + i // 128 * 40, 40])
+        rows += [[base + int(o), 4096] for o in offsets[i : i + 128]]
+    return rows
+
+
 @given(
     steps=st.lists(
         st.tuples(
-            st.sampled_from(["then", "pages", "append", "advance"]),
-            st.integers(1, 130),  # pages
+            st.sampled_from(["then", "packets", "pages", "append", "advance"]),
+            st.integers(1, 300),  # pages
             st.sampled_from([1 << 20, 1 << 30]),  # the block's address
-            st.sampled_from([0x5000, 0x9000]),  # the extra range's address
+            st.sampled_from([0x5000, 0x9000]),  # the extra range's, or the headers'
         ),
         min_size=1,
         max_size=12,
     )
 )
-def test_set_pages_then_gives_the_same_table_whatever_came_before(
+def test_set_pages_then_and_set_packets_give_the_same_table_whatever_came_before(
     steps: list[tuple[str, int, int, int]],
 ) -> None:
-    # The lengths and the last range are rewritten only when they change: any
-    # other use of the table in between must not leave a stale row behind.
-    iov = IOVec(256)
+    # The lengths (and the last range, or the headers' places) are rewritten
+    # only when their shape changes: any other use of the table in between
+    # must not leave a stale row behind.
+    iov = IOVec(512)
     for kind, n, base, extra in steps:
         offsets = np.arange(n, dtype=np.uint64)[::-1] * np.uint64(4096)
         if kind == "then":
+            offsets = offsets[:128]
             iov.set_pages_then(base, offsets, 4096, extra, 1344)
             expected = [[base + int(o), 4096] for o in offsets] + [[extra, 1344]]
             assert iov.rows.tolist() == expected
-            assert iov.total == n * 4096 + 1344
+            assert iov.total == len(offsets) * 4096 + 1344
+        elif kind == "packets":
+            iov.set_packets(extra, 40, base, offsets, 4096, 128)
+            expected = _packet_rows(extra, base, offsets)
+            assert iov.rows.tolist() == expected
+            assert iov.total == sum(length for _, length in expected)
         elif kind == "pages":
             iov.set_pages(base, offsets, 512)
         elif kind == "append":

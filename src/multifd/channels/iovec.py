@@ -42,12 +42,21 @@ class IOVec:
         self.start = 0
         self.count = 0
         self.total = 0  # bytes in the ranges in use
-        # What set_pages_then left in the lengths column and the row after the
-        # pages, while nothing else has written the table since; its operands.
-        self._layout: tuple[int, int, int, int] | None = None
+        # The shape set_pages_then or set_packets left in the lengths column
+        # (and the row after the pages, or where the headers are), while
+        # nothing else has written the table since; their cached operands.
+        self._layout: tuple[str | int, ...] | None = None
         self._addresses = self.table[:0, 0]
+        self._header_steps = np.zeros(0, dtype=np.uint64)
         self._base = np.array(0, dtype=np.uint64)
         self._base_value = 0
+
+    def _base_array(self, base: int) -> np.ndarray:
+        """`base` as a 0-d uint64 array, kept while it is the same."""
+        if self._base_value != base:
+            self._base = np.array(base, dtype=np.uint64)
+            self._base_value = base
+        return self._base
 
     @property
     def address(self) -> int:
@@ -79,16 +88,13 @@ class IOVec:
         they change, and the addresses by one numpy call on cached operands (a
         Python int operand and a fresh slice cost three times the addition)."""
         n = len(offsets)
-        layout = (n, size, address, length)
+        layout = ("then", n, size, address, length)
         if self._layout != layout:
             self.table[:n, 1] = size
             self.table[n] = (address, length)
             self._layout = layout
             self._addresses = self.table[:n, 0]
-        if self._base_value != base:
-            self._base = np.array(base, dtype=np.uint64)
-            self._base_value = base
-        np.add(offsets, self._base, out=self._addresses)
+        np.add(offsets, self._base_array(base), out=self._addresses)
         self.start = 0
         self.count = n + 1
         self.total = n * size + length
@@ -109,20 +115,33 @@ class IOVec:
         n = len(offsets)
         packets = -(-n // per_packet)
         rows = n + packets
-        table = self.table[:rows]
-        header_rows = np.arange(packets) * (per_packet + 1)
-        table[header_rows, 0] = np.uint64(headers) + np.arange(
-            packets, dtype=np.uint64
-        ) * np.uint64(header_size)
-        table[header_rows, 1] = header_size
-        page = np.arange(n)
-        page_rows = page + page // per_packet + 1  # after its packet's header
-        table[page_rows, 0] = np.asarray(offsets, dtype=np.uint64) + np.uint64(base)
-        table[page_rows, 1] = size
+        stride = per_packet + 1
+        table = self.table
+        # A sender's batches are alike: the lengths, and each header's place
+        # after the first, are written when that shape changes, not per batch.
+        layout = ("packets", n, header_size, size, per_packet)
+        if self._layout != layout:
+            table[:rows, 1] = size
+            table[0:rows:stride, 1] = header_size
+            self._header_steps = np.arange(packets, dtype=np.uint64) * np.uint64(header_size)
+            self._layout = layout
+        np.add(self._header_steps, np.uint64(headers), out=table[0:rows:stride, 0])
+        offsets = np.asarray(offsets, dtype=np.uint64)
+        base_array = self._base_array(base)
+        full = n // per_packet
+        if full:  # the full packets' pages, as a (packets, header + pages) grid
+            grid = table[: full * stride].reshape(full, stride, 2)
+            np.add(
+                offsets[: full * per_packet].reshape(full, per_packet),
+                base_array,
+                out=grid[:, 1:, 0],
+            )
+        if n > full * per_packet:  # a last packet of fewer pages
+            first = full * stride + 1
+            np.add(offsets[full * per_packet :], base_array, out=table[first:rows, 0])
         self.start = 0
         self.count = rows
         self.total = packets * header_size + n * size
-        self._layout = None
 
     def append(self, address: int, length: int) -> None:
         """One more range at the end."""

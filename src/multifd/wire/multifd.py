@@ -7,6 +7,7 @@ Two header layouts exist: 7.2's, and 9.0's, which adds `zero_pages`.
 
 from __future__ import annotations
 
+import functools
 import struct
 import uuid as uuid_module
 from collections.abc import Mapping, Sequence
@@ -460,26 +461,42 @@ def page_packet_headers(
     A batch at a time: building packet objects one by one cost more Python
     than the kernel spends moving a packet's pages."""
     offsets = np.asarray(offsets, dtype=np.uint64)
-    if not len(offsets):
+    n = len(offsets)
+    if not n:
         raise ValueError("a data packet needs at least one page")
-    count = -(-len(offsets) // PAGES_PER_PACKET)
+    count = -(-n // PAGES_PER_PACKET)
+    headers = _full_packet_headers(block, count, flags, layout).copy()
+    headers["packet_num"] += np.uint64(first_packet_num)
+    full = n // PAGES_PER_PACKET
+    slots = headers["offsets"]
+    slots[:full] = offsets[: full * PAGES_PER_PACKET].reshape(full, PAGES_PER_PACKET)
+    if full < count:  # a last packet of fewer pages
+        rest = n - full * PAGES_PER_PACKET
+        slots[full, :rest] = offsets[full * PAGES_PER_PACKET :]
+        headers["normal_pages"][full] = rest
+        headers["next_packet_size"][full] = rest * TARGET_PAGE_SIZE
+    if payload_sizes is not None:
+        headers["next_packet_size"] = payload_sizes
+    return headers.view(np.uint8).reshape(count, PACKET_HEADER_SIZE)
+
+
+@functools.lru_cache(maxsize=64)
+def _full_packet_headers(block: str, count: int, flags: int, layout: PacketLayout) -> np.ndarray:
+    """`count` headers of full packets of uncompressed pages of `block`,
+    numbered from 0, with no offsets yet: what page_packet_headers copies and
+    completes (filling every field for every batch cost as much as the rest
+    of a channel's Python per batch)."""
     headers = np.zeros(count, dtype=_HEADER_DTYPES[layout])
     headers["magic"] = MULTIFD_MAGIC
     headers["version"] = MULTIFD_VERSION
     headers["flags"] = flags
     headers["pages_alloc"] = PAGES_PER_PACKET
-    normal = np.full(count, PAGES_PER_PACKET, dtype=np.uint32)
-    normal[-1] = len(offsets) - PAGES_PER_PACKET * (count - 1)
-    headers["normal_pages"] = normal
-    headers["next_packet_size"] = (
-        normal * TARGET_PAGE_SIZE if payload_sizes is None else payload_sizes
-    )
-    headers["packet_num"] = np.arange(first_packet_num, first_packet_num + count, dtype=np.uint64)
+    headers["normal_pages"] = PAGES_PER_PACKET
+    headers["next_packet_size"] = PAGES_PER_PACKET * TARGET_PAGE_SIZE
+    headers["packet_num"] = np.arange(count, dtype=np.uint64)
     headers["ramblock"] = block.encode("utf-8")
-    slots = np.zeros(count * PAGES_PER_PACKET, dtype=np.uint64)
-    slots[: len(offsets)] = offsets
-    headers["offsets"] = slots.reshape(count, PAGES_PER_PACKET)
-    return headers.view(np.uint8).reshape(count, PACKET_HEADER_SIZE)
+    headers.flags.writeable = False  # a shared template: copied, never changed
+    return headers
 
 
 def plain_pages_header(header: bytes | bytearray) -> tuple[int, int, bytes] | None:
