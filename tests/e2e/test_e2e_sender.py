@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import socket
 import threading
+import time
 
 import numpy as np
 
@@ -22,16 +23,22 @@ def _ram(pages: int) -> np.ndarray:
     return np.random.default_rng(7).integers(0, 256, pages * PAGE, dtype=np.uint8)
 
 
-def test_a_whole_batch_counts_every_packet_and_page() -> None:
-    ours, theirs = socket.socketpair()
-    ram = _ram(1000)
-    errors: list[str] = []
+def _sender(stream: socket.socket | int, errors: list[str]) -> MultifdSender:
+    """One channel's sender, started, uncompressed; errors reported to `errors`."""
     sender = MultifdSender(
-        [Channel(ours, "channel 0", timeout=10)],
+        [Channel(stream, "channel 0", timeout=10)],
         compression=Compression.NONE,
         level=1,
         on_error=errors.append,
     )
+    sender.start()
+    return sender
+
+
+def test_a_whole_batch_counts_every_packet_and_page() -> None:
+    ours, theirs = socket.socketpair()
+    ram = _ram(1000)
+    errors: list[str] = []
     pages = np.arange(3, 1000, 3, dtype=np.int64)  # 333 pages: packets of 128, 128, 77
     received = bytearray()
 
@@ -42,7 +49,7 @@ def test_a_whole_batch_counts_every_packet_and_page() -> None:
 
     reader = threading.Thread(target=read)
     reader.start()
-    sender.start()
+    sender = _sender(ours, errors)
     try:
         sender.send("pc.ram", memoryview(ram), pages)
         sender.sync()
@@ -63,12 +70,6 @@ def test_a_batch_cut_short_names_the_packet_it_broke_in() -> None:
     read_end, write_end = os.pipe()
     ram = _ram(1024)
     errors: list[str] = []
-    sender = MultifdSender(
-        [Channel(write_end, "channel 0", timeout=10)],
-        compression=Compression.NONE,
-        level=1,
-        on_error=errors.append,
-    )
     taken = 2 * PACKET + (100 << 10)
 
     def read_then_leave() -> None:
@@ -79,13 +80,13 @@ def test_a_batch_cut_short_names_the_packet_it_broke_in() -> None:
 
     reader = threading.Thread(target=read_then_leave)
     reader.start()
-    sender.start()
+    sender = _sender(write_end, errors)
     try:
         sender.send("pc.ram", memoryview(ram), np.arange(1024, dtype=np.int64))
         reader.join()
-        deadline = threading.Event()
-        while not errors and not deadline.wait(0.01):
-            pass
+        deadline = time.monotonic() + 10
+        while not errors and time.monotonic() < deadline:
+            time.sleep(0.01)
     finally:
         sender.close()
     (stats,) = sender.stats

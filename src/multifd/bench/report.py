@@ -37,12 +37,12 @@ def _mib(n: int | None) -> str:
     return "–" if not n else f"{n / (1 << 20):,.0f} MiB"
 
 
-def _spread(values: list[float | None] | None) -> str:
+def _spread(values: list[float | None] | None, digits: int = 2) -> str:
     """The fastest and slowest run: how much to trust a median on a shared host."""
     values = [v for v in values or [] if v is not None]
     if len(values) < 2:
         return "–"
-    return f"{min(values):.2f}–{max(values):.2f}"
+    return f"{min(values):.{digits}f}–{max(values):.{digits}f}"
 
 
 def _why(entry: dict[str, Any]) -> str:
@@ -210,14 +210,12 @@ def _floor(result: dict[str, Any]) -> Section:
     )
     floor = result.get("floor", [])  # absent from results older than the floor
     for e in floor:
-        times = e.get("runs_seconds") or []
-        spread = f"{min(times):.3f}–{max(times):.3f}" if times else "–"
         section.rows.append(
             [
                 str(e["channels"]),
                 e["transport"],
                 _f(e.get("seconds"), 3),
-                spread,
+                _spread(e.get("runs_seconds"), 3),
                 _f(e["gbps"]),
                 _f(e.get("best_gbps")),
                 _f(e.get("python_python_gbps")),
