@@ -37,7 +37,6 @@ from .stats import ChannelStats, MigrationAborted
 # Packets whose pages a receive thread notes before marking them in the received map.
 WRITTEN_BATCH = 64
 _OFFSET = struct.Struct(">Q")  # one page offset, as the header holds it
-_largest = np.maximum.reduce  # ndarray.max() adds a Python-level wrapper per call
 
 
 class _RecvChannel:
@@ -302,12 +301,13 @@ class MultifdReceiver:
         end = HEADER_FIXED_SIZE + 8 * normal
         # Native copies: the read below overwrites the header.
         offsets = rc.offset_slots[:normal].astype(np.uint64)
-        if _largest(offsets) > last:
+        # argmax and an index: a third of what a reduction costs on 128 values.
+        if offsets[offsets.argmax()] > last:
             return False
         rc.iov.set_pages_then(
             address, offsets, TARGET_PAGE_SIZE, rc.header_address, PACKET_HEADER_SIZE
         )
-        self._note(rc, name, bytes(header[HEADER_FIXED_SIZE:end]))
+        self._note(rc, name, rc.header_view[HEADER_FIXED_SIZE:end].tobytes())
         rc.heads.append((packet_num, name, _OFFSET.unpack_from(header, HEADER_FIXED_SIZE)[0]))
         if normal == PAGES_PER_PACKET:
             rc.tails.append((packet_num, name, _OFFSET.unpack_from(header, end - 8)[0]))
