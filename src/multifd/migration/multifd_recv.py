@@ -299,7 +299,8 @@ class MultifdReceiver:
         name, address, last = block
         header = rc.header
         end = HEADER_FIXED_SIZE + 8 * normal
-        # Native copies: the read below overwrites the header.
+        # Copies, native or raw, of what the header says: the read below
+        # overwrites it with the next one.
         offsets = rc.offset_slots[:normal].astype(np.uint64)
         # argmax and an index: a third of what a reduction costs on 128 values.
         if offsets[offsets.argmax()] > last:
@@ -307,12 +308,15 @@ class MultifdReceiver:
         rc.iov.set_pages_then(
             address, offsets, TARGET_PAGE_SIZE, rc.header_address, PACKET_HEADER_SIZE
         )
-        self._note(rc, name, rc.header_view[HEADER_FIXED_SIZE:end].tobytes())
-        rc.heads.append((packet_num, name, _OFFSET.unpack_from(header, HEADER_FIXED_SIZE)[0]))
-        if normal == PAGES_PER_PACKET:
-            rc.tails.append((packet_num, name, _OFFSET.unpack_from(header, end - 8)[0]))
+        written = rc.header_view[HEADER_FIXED_SIZE:end].tobytes()
+        first = _OFFSET.unpack_from(header, HEADER_FIXED_SIZE)[0]
+        final = _OFFSET.unpack_from(header, end - 8)[0]
         self._read_pages_and_next_header(rc, appended=True)
+        self._note(rc, name, written)
         rc.stats.pages += normal
+        rc.heads.append((packet_num, name, first))
+        if normal == PAGES_PER_PACKET:
+            rc.tails.append((packet_num, name, final))
         return True
 
     def _note_ends(
