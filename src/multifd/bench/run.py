@@ -69,20 +69,18 @@ def run_bench(options: BenchOptions) -> dict[str, Any]:
             workdir = Path(tmp)
             options.say(f"filling {options.size >> 20} MiB of RAM content in {workdir}")
             content = make_content(workdir, options.size)
+            loopback: Loopback | None = None
             if "bulk" in scenarios:
                 with contextlib.ExitStack() as stack:
-                    loopback = None
                     if "loopback" in scenarios:
                         loopback = stack.enter_context(Loopback(options, content, workdir))
                     bulk = Bulk(options, content, workdir, loopback=loopback)
                     stack.callback(bulk.close)
                     result["bulk"] = bulk.measure()
-                    if loopback is not None:
-                        result["loopback"] = loopback.entries()
-                        result["floor"] = loopback.floor_entries()
             elif "loopback" in scenarios:
                 loopback = Loopback(options, content, workdir)
                 loopback.measure()
+            if loopback is not None:  # its figures outlive its session
                 result["loopback"] = loopback.entries()
                 result["floor"] = loopback.floor_entries()
             if "live" in scenarios:
