@@ -19,7 +19,7 @@ def test_zero_mask_matches_a_known_pattern(make_block: BlockMaker, kind: str, sh
     """Mostly zero pages are checked in place; mostly data pages by their first
     word, and in full only where it is zero (here most non-zero pages have
     their first word zero, the case that check must not get wrong)."""
-    block = make_block(kind, 4 * MiB)
+    block = make_block(kind, 6 * MiB)  # more than one chunk of _CHUNK_PAGES
     rng = np.random.default_rng(3)
     nonzero = rng.random(block.pages) < share
     # One non-zero byte per chosen page, at any offset (also the first and last byte).
@@ -35,6 +35,10 @@ def test_zero_mask_matches_a_known_pattern(make_block: BlockMaker, kind: str, sh
     assert np.array_equal(zero_mask(block, np.arange(200, 328)), ~nonzero[200:328])
     many = np.arange(0, block.pages, 1)[::-1]  # more than one chunk, reversed order
     assert np.array_equal(zero_mask(block, many), ~nonzero[many])
+    # Ranges: one chunk, more than one (ending mid-chunk), a stride (as indices).
+    assert np.array_equal(zero_mask(block, range(200, 328)), ~nonzero[200:328])
+    assert np.array_equal(zero_mask(block, range(7, block.pages - 3)), ~nonzero[7:-3])
+    assert np.array_equal(zero_mask(block, range(1, 900, 7)), ~nonzero[1:900:7])
 
 
 def test_zero_mask_edges(make_block: BlockMaker) -> None:
@@ -45,6 +49,12 @@ def test_zero_mask_edges(make_block: BlockMaker) -> None:
     assert zero_mask(block, [5, 5, 4]).tolist() == [False, False, True]
     with pytest.raises(IndexError, match=r"'pc.ram': zero check of pages 0..16 outside 0..15"):
         zero_mask(block, [0, 16])
+    assert zero_mask(block, range(3, 3)).shape == (0,)
+    assert zero_mask(block, range(4, 6)).tolist() == [True, False]
+    with pytest.raises(IndexError, match=r"'pc.ram': zero check of pages 14..16 outside 0..15"):
+        zero_mask(block, range(14, 17))
+    with pytest.raises(IndexError, match=r"'pc.ram': zero check of pages -1..0 outside 0..15"):
+        zero_mask(block, range(-1, 1))
 
 
 def test_is_zero_rows_gathers_in_steps_and_per_thread(make_block: BlockMaker) -> None:

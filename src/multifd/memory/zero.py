@@ -53,17 +53,35 @@ def _zero_rows(rows: npt.NDArray[np.uint64]) -> npt.NDArray[np.bool_]:
     return zero
 
 
-def zero_mask(block: RAMBlock, indices: npt.ArrayLike | None = None) -> npt.NDArray[np.bool_]:
+def zero_mask(
+    block: RAMBlock, indices: npt.ArrayLike | range | None = None
+) -> npt.NDArray[np.bool_]:
     """For each page index in `indices` (default: every page), whether it is all zero.
 
     The result has one bool per index, in the order given. Pages are viewed as
-    rows of 512 uint64 and OR-reduced per row, whole batches at a time.
+    rows of 512 uint64 and OR-reduced per row, whole batches at a time. A
+    `range` of step 1 is checked in place with no numpy call on the indices:
+    each of those (on more than 500 values) lets go of the GIL, and a thread
+    that takes it meanwhile keeps the caller waiting.
     """
     rows = block.page_rows(np.uint64)
     if indices is None:
-        mask = np.empty(block.pages, dtype=np.bool_)
-        for first in range(0, block.pages, _CHUNK_PAGES):
-            mask[first : first + _CHUNK_PAGES] = _zero_rows(rows[first : first + _CHUNK_PAGES])
+        indices = range(block.pages)
+    if isinstance(indices, range) and indices.step == 1:
+        first, stop = indices.start, indices.stop
+        if first >= stop:
+            return np.empty(0, dtype=np.bool_)
+        if first < 0 or stop > block.pages:
+            raise IndexError(
+                f"RAMBlock {block.name!r}: zero check of pages {first}..{stop - 1} "
+                f"outside 0..{block.pages - 1}"
+            )
+        if stop - first <= _CHUNK_PAGES:
+            return _zero_rows(rows[first:stop])
+        mask = np.empty(stop - first, dtype=np.bool_)
+        for start in range(first, stop, _CHUNK_PAGES):
+            end = min(start + _CHUNK_PAGES, stop)
+            mask[start - first : end - first] = _zero_rows(rows[start:end])
         return mask
     pages = np.asarray(indices, dtype=np.int64).reshape(-1)
     if pages.size == 0:

@@ -553,9 +553,11 @@ class MigrationSource(Endpoint):
                 if self._cancel.is_set() or self.state.error is not None:
                     raise MigrationAborted
                 chunk = pages[first : first + CHUNK_PAGES]
-                low = int(chunk[0])
-                tracker.cover(low, int(chunk[-1]) - low + 1)
-                zero = zero_mask(block, chunk)
+                low, high = int(chunk[0]), int(chunk[-1])
+                tracker.cover(low, high - low + 1)
+                # A round's pages ascend: a chunk as long as its span is a run.
+                run = high - low + 1 == len(chunk)
+                zero = zero_mask(block, range(low, high + 1) if run else chunk)
                 zeros, normal = chunk[zero], chunk[~zero]
                 if len(zeros):
                     offsets = zeros.astype(np.uint64) * np.uint64(TARGET_PAGE_SIZE)
