@@ -52,7 +52,8 @@ class QemuVM:
             "-display", "none",
             "-vga", "none",
             "-no-user-config",
-            "-name", name,
+            # Named threads (live_migration, multifdsend_0, ...): see `threads`.
+            "-name", f"{name},debug-threads=on",
             "-serial", f"file:{self.serial}",
             "-qmp", f"unix:{self.qmp},server=on,wait=off",
         ]  # fmt: skip
@@ -88,6 +89,28 @@ class QemuVM:
 
     def connect(self) -> QMPConnection:
         return QMPConnection(self.qmp)
+
+    def threads(self) -> list[str]:
+        """Each QEMU thread as "name state: where", where it waits being the top
+        of its kernel stack (root can read it): for a QEMU that stopped
+        answering, whether a multifd thread is stuck in a socket write or on
+        a futex tells whose side to look at."""
+        found = []
+        for task in sorted(Path(f"/proc/{self.process.pid}/task").glob("*")):
+            try:
+                name = (task / "comm").read_text().strip()
+                state = (task / "stat").read_text().rsplit(")", 1)[1].split()[0]
+            except OSError:  # the thread ended meanwhile
+                continue
+            try:
+                frames = [
+                    line.split("] ", 1)[-1].split("+", 1)[0]
+                    for line in (task / "stack").read_text().splitlines()[:3]
+                ]
+            except OSError:
+                frames = []
+            found.append(f"{name} {state}: {' < '.join(frames) or '?'}")
+        return found
 
     def wait_for_serial(self, text: bytes, timeout: float = 30.0) -> None:
         """Wait until the guest has written `text` to its serial port."""
