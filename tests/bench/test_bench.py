@@ -294,6 +294,39 @@ def test_tables_render(result: dict[str, Any]) -> None:
     assert "Floor:" not in markdown(older) and "| ch | pairing |" in markdown(older)
 
 
+def test_ratios_pair_each_run_with_the_baseline_run_of_its_turn(
+    result: dict[str, Any],
+) -> None:
+    def entry(pairing: str, channels: int, runs: list[float]) -> dict[str, Any]:
+        return {
+            "pairing": pairing,
+            "channels": channels,
+            "transport": "unix",
+            "ram_bytes": 1 << 30,
+            "seconds": sorted(runs)[len(runs) // 2],
+            "gbps": 1.0,
+            "wire_gbps": 1.0,
+            "ratio_to_qemu": None,
+            "skipped": None,
+            "error": None,
+            "runs_seconds": runs,
+        }
+
+    qemu = entry("qemu-qemu", 2, [1.0, 2.0, 1.5])
+    ours = entry("python-python", 2, [1.1, 1.8, 1.2])
+    alone = entry("python-python", 4, [1.0, 1.0, 1.0])  # no QEMU→QEMU at 4 channels
+    entries = [qemu, ours, alone]
+    multifd.bench.bulk._add_ratios(entries)
+    assert ours["ratio_to_qemu"] == pytest.approx(1.2 / 1.5)  # of the medians
+    assert ours["ratio_runs"] == pytest.approx([1.1, 0.9, 0.8])  # turn by turn
+    assert qemu["ratio_runs"] == pytest.approx([1.0, 1.0, 1.0])
+    assert alone["ratio_to_qemu"] is None and "ratio_runs" not in alone
+    table = markdown(dict(result, bulk=entries))
+    row = next(line for line in table.splitlines() if line.startswith("| 2 | Python→Python"))
+    assert "| 0.80 | 0.80–1.10 |" in row, row
+    assert "runs (÷) = the lowest and highest of that ratio run by run" in table
+
+
 def test_plot_only_with_matplotlib(
     result: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -361,6 +394,7 @@ def test_qemu_pairings_against_the_same_runs_baseline() -> None:
         _positive(entry, "seconds", "gbps", "wire_gbps", "ratio_to_qemu", "dest_hwm_bytes")
         assert entry["verified"] is True
         assert entry["ratio_to_qemu"] == pytest.approx(entry["seconds"] / baseline)
+        assert entry["ratio_runs"] == pytest.approx([entry["seconds"] / baseline])
         assert entry["gbps"] == pytest.approx(options.size / entry["seconds"] / 1e9)
         if pairing.startswith("qemu"):
             _positive(entry, "source_total_ms")

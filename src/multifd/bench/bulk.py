@@ -466,13 +466,22 @@ def _entry(
 
 
 def _add_ratios(entries: list[dict[str, Any]]) -> None:
-    """Each pairing's time over QEMU→QEMU's at the same channel count, this run."""
+    """Each pairing's time over QEMU→QEMU's at the same channel count, this run:
+    of the medians, and run by run (`ratio_runs`). The pairings take turns, so
+    run i of each met the machine as it was then: the spread of those ratios is
+    how far one figure can be trusted, where the spread of each pairing's own
+    times also counts the host's swings that hit both."""
     baseline = {
-        e["channels"]: e["seconds"]
+        e["channels"]: e
         for e in entries
         if e["pairing"] == "qemu-qemu" and e["seconds"] is not None
     }
     for entry in entries:
         base = baseline.get(entry["channels"])
-        if base and entry["seconds"] is not None:
-            entry["ratio_to_qemu"] = entry["seconds"] / base
+        if base is None or entry["seconds"] is None:
+            continue
+        entry["ratio_to_qemu"] = entry["seconds"] / base["seconds"]
+        entry["ratio_runs"] = [
+            ours / theirs
+            for ours, theirs in zip(entry["runs_seconds"], base["runs_seconds"], strict=True)
+        ]

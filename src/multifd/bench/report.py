@@ -68,6 +68,7 @@ def _bulk(result: dict[str, Any]) -> Section:
             "GB/s",
             "wire GB/s",
             "÷ QEMU→QEMU",
+            "runs (÷)",
             "CPU s",
             "CPU busy",
             "dest RSS",
@@ -84,6 +85,7 @@ def _bulk(result: dict[str, Any]) -> Section:
                 _f(e["gbps"]),
                 _f(e["wire_gbps"]),
                 _f(e["ratio_to_qemu"]),
+                _spread(e.get("ratio_runs")),
                 _f(e.get("cpu_seconds"), 3),
                 _percent(e.get("cpu_busy")),
                 _mib(e.get("dest_hwm_bytes")),
@@ -97,6 +99,8 @@ def _bulk(result: dict[str, Any]) -> Section:
             "GB/s = RAM size / seconds, wire GB/s = bytes sent / seconds (GB = 1e9 B); "
             "runs = fastest–slowest timed run; "
             "÷ QEMU→QEMU = seconds / QEMU→QEMU's seconds at the same channel count; "
+            "runs (÷) = the lowest and highest of that ratio run by run (the pairings "
+            "take turns, so run i of each met the machine alike); "
             "CPU s = the machine's busy CPU-seconds during the run (both ends and "
             "anything else running), CPU busy = CPU s / (seconds × CPUs): near 100 % the "
             "run was bound by CPU (medians of the runs of at least "
