@@ -86,6 +86,10 @@ def test_shape_and_figures(result: dict[str, Any]) -> None:
                 # Tens of milliseconds are a few ticks: not measured, not guessed.
                 assert "cpu_seconds" not in entry and "cpu_busy" not in entry
             assert entry["verified"] is True
+            # Each end's own CPU time: some, and no more than every CPU for as long.
+            _positive(entry, "source_cpu_seconds", "dest_cpu_seconds")
+            for end in ("source_cpu_seconds", "dest_cpu_seconds"):
+                assert entry[end] < entry["seconds"] * os.cpu_count() * 1.05 + 0.02
             assert entry["ratio_to_qemu"] is None  # no QEMU→QEMU baseline in this run
             assert entry["fraction_of_loopback"] > 0
         else:
@@ -325,6 +329,16 @@ def test_ratios_pair_each_run_with_the_baseline_run_of_its_turn(
     row = next(line for line in table.splitlines() if line.startswith("| 2 | Python→Python"))
     assert "| 0.80 | 0.80–1.10 |" in row, row
     assert "runs (÷) = the lowest and highest of that ratio run by run" in table
+    # Each end's CPU: both, one, or neither known.
+    ours.update(source_cpu_seconds=0.25, dest_cpu_seconds=0.125)
+    qemu.update(source_cpu_seconds=0.5)
+    rows = {
+        line.split(" | ")[1]: line
+        for line in markdown(dict(result, bulk=entries)).splitlines()
+        if line.startswith("| 2 |")
+    }
+    assert "| 0.250 / 0.125 |" in rows["Python→Python"]
+    assert "| 0.500 / – |" in rows["QEMU→QEMU"]
 
 
 def test_plot_only_with_matplotlib(
@@ -395,6 +409,11 @@ def test_qemu_pairings_against_the_same_runs_baseline() -> None:
         assert entry["verified"] is True
         assert entry["ratio_to_qemu"] == pytest.approx(entry["seconds"] / baseline)
         assert entry["ratio_runs"] == pytest.approx([entry["seconds"] / baseline])
+        # QEMU's CPU time comes in 10 ms ticks (this run is short): there, not guessed.
+        assert entry["source_cpu_seconds"] >= 0 and entry["dest_cpu_seconds"] >= 0
+        for end, python in (("source", "python-"), ("dest", "-python")):
+            if python in pairing:  # our own ends, timed to the nanosecond
+                _positive(entry, f"{end}_cpu_seconds")
         assert entry["gbps"] == pytest.approx(options.size / entry["seconds"] / 1e9)
         if pairing.startswith("qemu"):
             _positive(entry, "source_total_ms")

@@ -1,6 +1,6 @@
 """A sampler in a process of its own, run as a script by `system.py`; the
-benchmark imports `proc_status` from here too, so this file may import
-nothing of the package.
+benchmark imports `proc_status` and `process_cpu_seconds` from here too, so
+this file may import nothing of the package.
 
 A sampling thread inside the benchmark's process takes the GIL a hundred
 times a second from a Python source under test (measured: its user time up
@@ -48,6 +48,17 @@ def proc_status(pid: int | str = "self") -> dict[str, int]:
     except OSError:
         pass
     return fields
+
+
+def process_cpu_seconds(pid: int | str = "self") -> float | None:
+    """User and system CPU time of a process and all its threads, those that
+    have ended included (/proc/<pid>/stat, in ticks); None once it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def reader(what: str) -> Callable[[], float]:

@@ -20,6 +20,7 @@ from ..qemu.launch import qemu_binary
 from ..qemu.snapshot import SnapshotError, save
 from ..wire import BufferSource, Reader
 from ..wire.stream import Configuration, read_configuration
+from ._sampling import process_cpu_seconds
 from .content import BLOCK_NAME, Content, file_sha256
 from .endpoint import DestinationProcess, DestinationSpec
 from .loopback import Loopback
@@ -47,6 +48,10 @@ class RunResult:
     source_overhead: int = 0  # growth of the source's anonymous memory
     tracker: str | None = None
     cpu_seconds: float | None = None  # the machine's busy CPU time while timed
+    # Each end's own CPU time (every thread's) from the migrate command to its
+    # end of the migration: what one end takes from the other on a shared host.
+    source_cpu: float | None = None
+    dest_cpu: float | None = None
 
 
 @dataclass
@@ -299,55 +304,68 @@ class Bulk:
             self._qemu_destination(channels) as (dst, path, uri),
             self._qemu_source(channels) as src,
         ):
+            source_cpu, dest_cpu = _CpuOf(src.pid), _CpuOf(dst.pid)
             with PeakSampler(pid=src.pid) as sampler:
                 started = time.time()
                 src.qmp.execute("migrate", {"uri": uri})
                 info = src.wait(timeout, source=True)
+            result.source_cpu = source_cpu.used()
             self._check_qemu_source(info, result)
             self._check_qemu_destination(dst, path, result)
+            result.dest_cpu = dest_cpu.used()
             return started, dst.completed_at(), sampler.growth
 
     def _qemu_to_python(self, channels: int, result: RunResult) -> Timed:
         timeout = self.options.migration_timeout
         with self._python_destination(channels) as dst:
             with self._qemu_source(channels) as src:
+                source_cpu = _CpuOf(src.pid)
                 with PeakSampler(pid=src.pid) as sampler:
                     started = time.time()
                     src.qmp.execute("migrate", {"uri": dst.uri})
                     info = src.wait(timeout, source=True)
+                result.source_cpu = source_cpu.used()
                 if info.get("status") != "completed":
                     src.qmp.execute("migrate_cancel")
             report = dst.result()
             result.dest_ready_rss = dst.rss_ready
+            result.dest_cpu = report.get("cpu_seconds")
         self._check_qemu_source(info, result)
         self._check_python_destination(report, result)
         return started, report.get("completed_at"), sampler.growth
 
     def _python_to_qemu(self, channels: int, result: RunResult) -> Timed:
         with self._qemu_destination(channels) as (dst, path, uri):
-            info, started, growth = self._run_python_source(channels, uri, to_qemu=dst)
+            dest_cpu = _CpuOf(dst.pid)
+            info, started, growth = self._run_python_source(channels, uri, dst, result)
             self._check_python_source(info, result)
             self._check_qemu_destination(dst, path, result)
+            result.dest_cpu = dest_cpu.used()
             return started, dst.completed_at(), growth
 
     def _python_to_python(self, channels: int, result: RunResult) -> Timed:
         with self._python_destination(channels) as dst:
-            info, started, growth = self._run_python_source(channels, dst.uri, to_qemu=None)
+            info, started, growth = self._run_python_source(channels, dst.uri, None, result)
             report = dst.result()
             result.dest_ready_rss = dst.rss_ready
+            result.dest_cpu = report.get("cpu_seconds")
         self._check_python_source(info, result)
         self._check_python_destination(report, result)
         return started, report.get("completed_at"), growth
 
     def _run_python_source(
-        self, channels: int, uri: str, to_qemu: RamFileVM | None
+        self, channels: int, uri: str, to_qemu: RamFileVM | None, result: RunResult
     ) -> tuple[dict[str, Any], float, int]:
         source = self._python_source(channels, to_qemu)
         try:
             with PeakSampler() as sampler:
+                # This process is the source: its samplers run in processes
+                # of their own, so its CPU time is the source's.
+                cpu = time.process_time()
                 started = time.time()
                 source.migrate(uri)
                 info = source.wait(self.options.migration_timeout)
+                result.source_cpu = time.process_time() - cpu
         finally:
             source.cancel()
             for block in source.blocks:
@@ -452,6 +470,13 @@ def _entry(
         source_overhead_bytes=max(r.source_overhead for r in runs),
         tracker=runs[0].tracker,
     )
+    for key, values in (
+        ("source_cpu_seconds", [r.source_cpu for r in runs]),
+        ("dest_cpu_seconds", [r.dest_cpu for r in runs]),
+    ):
+        known = [v for v in values if v is not None]
+        if known:
+            entry[key] = median(known)
     cpu = [r.cpu_seconds for r in runs if r.cpu_seconds is not None]
     if cpu:
         entry["cpu_seconds"] = median(cpu)
@@ -485,3 +510,17 @@ def _add_ratios(entries: list[dict[str, Any]]) -> None:
             ours / theirs
             for ours, theirs in zip(entry["runs_seconds"], base["runs_seconds"], strict=True)
         ]
+
+
+class _CpuOf:
+    """The CPU time a process uses from now until `used()`: read once it has
+    done its part (a QEMU stays paused, -S, after its migration, so its time
+    stops there); None if it is gone by then."""
+
+    def __init__(self, pid: int) -> None:
+        self._pid = pid
+        self._start = process_cpu_seconds(pid)
+
+    def used(self) -> float | None:
+        end = process_cpu_seconds(self._pid)
+        return None if self._start is None or end is None else end - self._start

@@ -37,14 +37,21 @@ def _destination_main(spec: DestinationSpec, conn: Connection) -> None:
             block.prefault()
             blocks.append(block)
         resumed: dict[str, float] = {}
+
+        def on_resume(state: object) -> None:
+            # The moment every page has landed: what "completed" means here;
+            # and this process's CPU time then (every thread's), before the digests.
+            resumed.setdefault("at", time.time())
+            resumed.setdefault("cpu", time.process_time())
+
         destination = MigrationDestination(
             blocks,
             capabilities={"multifd": True},
             parameters={"multifd-channels": spec.channels},
-            # The moment every page has landed: what "completed" means here.
-            on_resume=lambda state: resumed.setdefault("at", time.time()),
+            on_resume=on_resume,
         )
         uri = destination.incoming(spec.uri)
+        cpu_ready = time.process_time()
         conn.send({"uri": uri, "rss_ready": proc_status().get("VmRSS", 0)})
         info = destination.wait(spec.timeout)
         if info["status"] not in ("completed", "failed", "cancelled"):
@@ -57,6 +64,7 @@ def _destination_main(spec: DestinationSpec, conn: Connection) -> None:
             {
                 "query": info,
                 "completed_at": resumed.get("at"),
+                "cpu_seconds": resumed["cpu"] - cpu_ready if "cpu" in resumed else None,
                 "digests": digests,
                 "vm_hwm": memory.get("VmHWM", 0),
                 "vm_rss": memory.get("VmRSS", 0),
