@@ -76,8 +76,8 @@ def _bulk(result: dict[str, Any]) -> Section:
             "÷ QEMU→QEMU",
             "runs (÷)",
             "CPU s",
-            "source / dest CPU s",
             "CPU busy",
+            "source / dest CPU s",
             "dest RSS",
             "note",
         ],
@@ -94,8 +94,8 @@ def _bulk(result: dict[str, Any]) -> Section:
                 _f(e["ratio_to_qemu"]),
                 _spread(e.get("ratio_runs")),
                 _f(e.get("cpu_seconds"), 3),
-                _ends(e.get("source_cpu_seconds"), e.get("dest_cpu_seconds")),
                 _percent(e.get("cpu_busy")),
+                _ends(e.get("source_cpu_seconds"), e.get("dest_cpu_seconds")),
                 _mib(e.get("dest_hwm_bytes")),
                 _why(e),
             ]
@@ -110,12 +110,12 @@ def _bulk(result: dict[str, Any]) -> Section:
             "runs (÷) = the lowest and highest of that ratio run by run (the pairings "
             "take turns, so run i of each met the machine alike); "
             "CPU s = the machine's busy CPU-seconds during the run (both ends and "
-            "anything else running), source / dest CPU s = each end's own CPU time (all its "
-            "threads) from the migrate command to its end of the migration, what one end "
-            "takes from the other on a shared host (medians; QEMU's counted in 10 ms ticks), "
-            "CPU busy = CPU s / (seconds × CPUs): near 100 % the "
+            "anything else running), CPU busy = CPU s / (seconds × CPUs): near 100 % the "
             "run was bound by CPU (medians of the runs of at least "
             f"{CPU_WINDOW_MIN:g} s: the kernel's tick counters cannot resolve shorter ones); "
+            "source / dest CPU s = each end's own CPU time (all its threads) from the "
+            "migrate command to its end of the migration, what one end takes from the "
+            "other on a shared host (medians; QEMU's counted in 10 ms ticks); "
             "dest RSS = the destination's peak resident memory; "
             "medians of "
             f"{result['options']['runs']} runs after {result['options']['warmup']} warm-up "
