@@ -543,7 +543,9 @@ class MigrationSource(Endpoint):
         self, settings: MigrationSettings, trackers: list, dirty: list, started: float | None
     ) -> None:
         """One round: zero pages as ZERO records on main, the others in packets
-        (or PAGE records on main without multifd)."""
+        (or PAGE records on main without multifd). `dirty` holds each block's
+        pages in strictly increasing order (an arange, a bitmap's flatnonzero
+        or a union1d): a chunk is a run exactly when it is as long as its span."""
         max_bandwidth = settings.parameter("max-bandwidth") if started is not None else 0
         sent_before = self._bytes_queued()
         for tracker, pages in zip(trackers, dirty, strict=True):
@@ -555,7 +557,7 @@ class MigrationSource(Endpoint):
                 chunk = pages[first : first + CHUNK_PAGES]
                 low, high = int(chunk[0]), int(chunk[-1])
                 tracker.cover(low, high - low + 1)
-                # A round's pages ascend: a chunk as long as its span is a run.
+                # Strictly increasing (see above): as long as its span, a run.
                 run = high - low + 1 == len(chunk)
                 zero = zero_mask(block, range(low, high + 1) if run else chunk)
                 zeros, normal = chunk[zero], chunk[~zero]
