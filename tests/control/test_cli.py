@@ -3,6 +3,7 @@ driven by QMPClient and by qmp-shell as a person types, signals, and usage error
 
 from __future__ import annotations
 
+import asyncio
 import os
 import queue
 import re
@@ -28,6 +29,8 @@ from control_support import (
     run,
     statuses_until,
 )
+
+from multifd.control.daemon import POLL_INTERVAL
 
 DaemonFactory = Callable[..., DaemonProcess]
 MULTIFD = ["--cap", "multifd=on", "--set", "multifd-channels=3"]
@@ -109,13 +112,19 @@ def test_daemons_driven_by_qmp(daemon: DaemonFactory, tmp_path: Path, sock_dir: 
             info = await ask(src, "query-migrate")
             assert info["status"] == "completed"
             assert len(info["x-multifd-channels"]) == 4
-            # The source stays, like QEMU's postmigrate, until told to quit.
+            # Both stay, like QEMU's, until told to quit: the source in
+            # postmigrate, the destination running what it received.
             assert (await ask(src, "query-status"))["status"] == "postmigrate"
-            assert await src.execute("quit") == {}
-            await next_event(src, "SHUTDOWN")
+            assert (await ask(dst, "query-status"))["status"] == "running"
+            assert (await ask(dst, "query-migrate"))["status"] == "completed"
+            # Longer than the daemon takes to notice an ended migration.
+            await asyncio.sleep(3 * POLL_INTERVAL)
+            assert incoming.process.poll() is None
+            for qmp in (src, dst):
+                assert await qmp.execute("quit") == {}
+                await next_event(qmp, "SHUTDOWN")
         finally:
             await hang_up(src)
-            # The destination leaves on its own once the migration completed.
             await hang_up(dst)
 
     run(scenario())

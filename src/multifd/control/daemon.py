@@ -41,10 +41,10 @@ class Daemon:
     """One endpoint, served over QMP if asked, until it is done.
 
     It is done on `quit`, on a signal (`request_stop`, which cancels a running
-    migration), or when the migration ends: for `incoming` once it completed
-    (or ended at all when there is no QMP to start another), for `migrate`
-    when it ended and there is no QMP (with QMP the source stays, like QEMU's
-    `postmigrate`, until `quit`).
+    migration), or, when there is no QMP to ask it anything more, as soon as
+    the migration ends. With QMP both ends stay until `quit`, as QEMU's do
+    (its source in `postmigrate`, its destination running the VM): tools ask
+    `query-migrate` once they have seen the `completed` event.
     """
 
     def __init__(self, role: Role, options: DaemonOptions) -> None:
@@ -105,12 +105,7 @@ class Daemon:
             return True
         if self.server is not None and self.server.quit_requested.is_set():
             return True
-        status = self.endpoint.state.status
-        if not status.finished:
-            return False
-        if self.server is None:
-            return True
-        return self.role is Role.INCOMING and status is MigrationStatus.COMPLETED
+        return self.server is None and self.endpoint.state.status.finished
 
     def close(self) -> None:
         """Cancel a running migration, close the QMP socket and the blocks."""
