@@ -214,3 +214,38 @@ def test_return_path_over_qmp(serve: Callable[..., Served]) -> None:
 
     run(scenario())
     assert destination.block.sha256() == source.block.sha256()
+
+
+def test_a_completed_migration_is_not_started_again(
+    serve: Callable[..., Served], sock_dir: Path
+) -> None:
+    """As QEMU in postmigrate: the workload was handed over, so neither end
+    takes a second migration of it."""
+    source, destination = serve("source", seed=7), serve("destination")
+    uri = f"unix:{sock_dir / 'again.sock'}"
+
+    async def scenario() -> None:
+        src = await connect(source.path, name="src")
+        dst = await connect(destination.path, name="dst")
+        try:
+            for qmp in (src, dst):
+                await configure(qmp)
+            await dst.execute("migrate-incoming", {"uri": uri})
+            await src.execute("migrate", {"uri": uri})
+            assert (await statuses_until(src, ("completed", "failed")))[-1] == "completed"
+            assert (await statuses_until(dst, ("completed", "failed")))[-1] == "completed"
+            for qmp, command, message in (
+                (src, "migrate", "Can't migrate the vm that was paused due to previous migration"),
+                (dst, "migrate-incoming", "The incoming migration has already completed"),
+            ):
+                with pytest.raises(ExecuteError) as refused:
+                    await qmp.execute(command, {"uri": uri})
+                assert refused.value.error_class == "GenericError"
+                assert str(refused.value) == message
+                assert (await ask(qmp, "query-migrate"))["status"] == "completed"
+        finally:
+            await src.disconnect()
+            await dst.disconnect()
+
+    run(scenario())
+    assert destination.block.sha256() == source.block.sha256()

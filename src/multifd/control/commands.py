@@ -143,12 +143,18 @@ class MigrationCommands:
             raise QMPError("Block migration (blk, inc) is not supported: only RAM blocks migrate")
         if arguments.get("resume"):
             raise QMPError("Postcopy recovery (resume) is not supported")
+        if self.endpoint.state.status is MigrationStatus.COMPLETED:
+            # The workload was handed over: a second copy of it would be stale.
+            raise QMPError("Can't migrate the vm that was paused due to previous migration")
         self.endpoint.migrate(arguments["uri"])
         return {}
 
     def _migrate_incoming(self, arguments: dict[str, Any]) -> dict[str, Any]:
         if not isinstance(self.endpoint, MigrationDestination):
             raise QMPError("For use with '-incoming defer' (this is a source: 'multifd migrate')")
+        if self.endpoint.state.status is MigrationStatus.COMPLETED:
+            # Another migration would overwrite the workload now running here.
+            raise QMPError("The incoming migration has already completed")
         events_on = self.endpoint.settings.capability("events")
         self.endpoint.incoming(arguments["uri"])
         if not events_on:
