@@ -222,3 +222,37 @@ def test_fd_channel_of_a_socket_uses_the_socket_path() -> None:
     finally:
         writer.close()
         b.close()
+
+
+@pytest.mark.parametrize("family", ["tcp", "unix"])
+def test_close_with_unread_bytes_still_delivers_the_whole_stream(
+    family: str, background: Callable[..., Any]
+) -> None:
+    """A peer that sent bytes nobody reads (a TLS 1.3 server's session tickets,
+    on a channel with no return path) still gets everything written before
+    close, then a clean end of stream, not a reset."""
+    if family == "tcp":
+        with socket.create_server(("127.0.0.1", 0)) as server:
+            ours = socket.create_connection(server.getsockname())
+            peer, _ = server.accept()
+    else:
+        ours, peer = socket.socketpair()
+    stream = os.urandom(8 << 20)
+    channel = Channel(ours, "channel 1")
+    with peer:
+        peer.sendall(b"T" * 1694)
+        # Wait until the unread bytes are in our receive queue.
+        assert socket.socket.recv(ours, 1, socket.MSG_PEEK) == b"T"
+
+        def write_then_close() -> None:
+            channel.write_all(stream)
+            channel.shutdown()
+            channel.close()
+
+        done = background(write_then_close)
+        received = bytearray()
+        while chunk := peer.recv(1 << 20):
+            received += chunk
+        done.result()
+    assert len(received) == len(stream)
+    assert received == stream

@@ -41,6 +41,9 @@ UNIX_SNDBUF = 4 << 20
 _HELD_CHECK = 16
 # struct linger {l_onoff = 1, l_linger = 0}: close() sends a reset.
 _LINGER_RESET = struct.pack("ii", 1, 0)
+# What close() reads off and drops at most: more than any TLS session tickets,
+# less than a peer flooding us could make it wait for.
+_UNREAD_LIMIT = 1 << 20
 
 
 def _timeval(seconds: float | None) -> bytes:
@@ -525,6 +528,8 @@ class Channel:
             if reset and self._sock.family in (socket.AF_INET, socket.AF_INET6):
                 with contextlib.suppress(OSError):
                     self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+            else:
+                self._discard_unread()
             self._sock.close()
         else:
             os.close(self._fd)
@@ -536,6 +541,23 @@ class Channel:
                     os.killpg(self._process.pid, signal.SIGKILL)
                 self._process.wait()
             self.exit_status = self._process.returncode
+
+    def _discard_unread(self) -> None:
+        """Read off what the peer sent and nobody read. A socket closed with
+        unread bytes resets the connection: TCP then drops the end of our
+        stream that the kernel has not sent yet, and a unix socket fails the
+        peer's last read. A TLS 1.3 server's session tickets are such bytes on
+        every channel whose reverse direction is never read (no return path)."""
+        assert self._sock is not None
+        scratch = bytearray(_READ_CHUNK)
+        for _ in range(_UNREAD_LIMIT // _READ_CHUNK):
+            try:
+                # socket.socket's own recv_into: raw bytes, past any TLS layer,
+                # and MSG_DONTWAIT on the blocking socket returns at once.
+                if not socket.socket.recv_into(self._sock, scratch, 0, socket.MSG_DONTWAIT):
+                    return
+            except OSError:
+                return
 
     def __enter__(self) -> Channel:
         return self
