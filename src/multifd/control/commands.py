@@ -22,11 +22,11 @@ Schema = Mapping[str, tuple[type, bool]]
 _TYPE_NAMES = {str: "string", bool: "boolean", int: "integer", list: "array", dict: "object"}
 
 
-def version_triple(version: str = __version__) -> tuple[int, int, int]:
-    """multifd's version as QEMU's (major, minor, micro) for the greeting."""
-    numbers = [int(part) if part.isdigit() else 0 for part in version.split(".")[:3]]
-    major, minor, micro = (*numbers, 0, 0, 0)[:3]
-    return major, minor, micro
+# The QEMU release whose migration stream and QMP we speak, reported as our version in
+# the greeting and query-version: clients decide from it what they may ask (libvirt
+# refuses anything older than 4.2, tools gate multifd on it), so multifd's own 0.x
+# would turn them away. Our name and version go in `package`, QEMU's free-form field.
+QEMU_PROTOCOL_VERSION = (7, 2, 0)  # major, minor, micro
 
 
 def check_arguments(arguments: Mapping[str, Any], schema: Schema, prefix: str = "") -> None:
@@ -94,7 +94,7 @@ class MigrationCommands:
 
     @staticmethod
     def version() -> dict[str, Any]:
-        major, minor, micro = version_triple()
+        major, minor, micro = QEMU_PROTOCOL_VERSION
         return {
             "qemu": {"major": major, "minor": minor, "micro": micro},
             "package": f"multifd {__version__}",
