@@ -407,7 +407,25 @@ def test_clients_that_vanish_do_not_disturb_a_migration(
     assert destination.block.sha256() == source.block.sha256()
 
 
-def test_quit_answers_then_announces_shutdown(serve: Callable[..., Served]) -> None:
+def test_quit_announces_shutdown_then_answers(
+    serve: Callable[..., Served], raw: Callable[[Served], RawClient]
+) -> None:
+    served = serve("destination")
+    watcher = raw(served)
+    assert watcher.ask({"execute": "qmp_capabilities"}) == {"return": {}}
+    client = raw(served)
+    assert client.ask({"execute": "qmp_capabilities"}) == {"return": {}}
+    client.send({"execute": "quit", "id": 1})
+    # As QEMU 7.2: the event to every client first, then the answer to quit.
+    shutdown = client.read()
+    assert shutdown["event"] == "SHUTDOWN"
+    assert shutdown["data"] == {"guest": False, "reason": "host-qmp-quit"}
+    assert client.read() == {"return": {}, "id": 1}
+    assert watcher.read()["event"] == "SHUTDOWN"
+    assert served.server.quit_requested.wait(TIMEOUT)
+
+
+def test_qemu_clients_take_quit(serve: Callable[..., Served]) -> None:
     served = serve("destination")
 
     async def scenario() -> None:

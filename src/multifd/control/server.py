@@ -178,14 +178,16 @@ class QMPServer:
             # After quit nothing more runs, as in QEMU, which is exiting by then.
             if not (client.closed or self._stopping or self.quit_requested.is_set()):
                 answer = encode(client.session.handle(frame, self.commands))
+            quitting = self._quit_pending and not self.quit_requested.is_set()
+            if quitting:
+                # As QEMU 7.2: SHUTDOWN reaches every client before the answer to quit.
+                self.emit("SHUTDOWN", {"guest": False, "reason": "host-qmp-quit"})
             with self._lock:
                 client.queued -= 1
                 if answer is not None:
                     self._queue_output(client, answer)
                 self._wake()
-            if self._quit_pending and not self.quit_requested.is_set():
-                # As QEMU: the answer to quit, then SHUTDOWN, then the owner exits.
-                self.emit("SHUTDOWN", {"guest": False, "reason": "host-qmp-quit"})
+            if quitting:
                 self.quit_requested.set()
                 if self.on_quit is not None:
                     self.on_quit()
@@ -322,7 +324,7 @@ class QMPServer:
             client.overflow = True
 
     def _flush(self) -> None:
-        """Give clients their last answers (the one to quit, SHUTDOWN), briefly."""
+        """Give clients their last answers (SHUTDOWN, the one to quit), briefly."""
         deadline = time.monotonic() + FLUSH_TIMEOUT
         with self._lock:
             pending = [(c.sock, bytes(c.out)) for c in self._clients.values() if c.out]
