@@ -85,3 +85,12 @@ def test_parameters() -> None:
         parse_parameter("warp=9")
     with pytest.raises(OptionError, match="expects an integer, got 'many'"):
         parse_parameter("multifd-channels=many")
+    assert parse_parameter("cpu-throttle-tailslow=on") == ("cpu-throttle-tailslow", True)
+    assert parse_parameter("block-incremental=off") == ("block-incremental", False)
+    with pytest.raises(OptionError, match="expects on or off, got 'maybe'"):
+        parse_parameter("compress-wait-thread=maybe")
+    mapping = '[{"node-name": "d", "alias": "d", "bitmaps": []}]'
+    assert parse_parameter(f"block-bitmap-mapping={mapping}") == (
+        "block-bitmap-mapping",
+        [{"node-name": "d", "alias": "d", "bitmaps": []}],
+    )

@@ -217,6 +217,18 @@ REFUSALS: list[tuple[str, dict[str, Any], str, str]] = [
         "Invalid parameter type for 'downtime-limit', expected: integer",
     ),
     ("migrate-set-parameters", {"warp": 9}, "GenericError", "Parameter 'warp' is unexpected"),
+    (
+        "migrate-set-parameters",
+        {"tls-creds": 1},
+        "GenericError",
+        "Invalid parameter type for 'tls-creds', expected: StrOrNull",
+    ),
+    (
+        "migrate-set-parameters",
+        {"xbzrle-cache-size": 4097},
+        "GenericError",
+        "Parameter 'xbzrle-cache-size' expects a power of two no less than the target page size",
+    ),
     ("query-migrate", {"verbose": True}, "GenericError", "Parameter 'verbose' is unexpected"),
 ]
 
@@ -258,6 +270,91 @@ def test_settings_round_trip(serve: Callable[..., Served]) -> None:
             assert parameters["multifd-channels"] == 5
             assert parameters["multifd-compression"] == "zstd"
             assert parameters["downtime-limit"] == 300
+        finally:
+            await qmp.disconnect()
+
+    run(scenario())
+
+
+# query-migrate-parameters of a fresh QEMU 7.2.22, in the order of its
+# MigrationParameters (query-qmp-schema); ours follow.
+QEMU_PARAMETERS = {
+    "announce-initial": 50,
+    "announce-max": 550,
+    "announce-rounds": 5,
+    "announce-step": 100,
+    "compress-level": 1,
+    "compress-threads": 8,
+    "compress-wait-thread": True,
+    "decompress-threads": 2,
+    "throttle-trigger-threshold": 50,
+    "cpu-throttle-initial": 20,
+    "cpu-throttle-increment": 10,
+    "cpu-throttle-tailslow": False,
+    "tls-creds": "",
+    "tls-hostname": "",
+    "tls-authz": "",
+    "max-bandwidth": 134217728,
+    "downtime-limit": 300,
+    "x-checkpoint-delay": 20000,
+    "block-incremental": False,
+    "multifd-channels": 2,
+    "xbzrle-cache-size": 67108864,
+    "max-postcopy-bandwidth": 0,
+    "max-cpu-throttle": 99,
+    "multifd-compression": "none",
+    "multifd-zlib-level": 1,
+    "multifd-zstd-level": 1,
+}
+OWN_PARAMETERS = {"x-dirty-tracker": "auto", "x-stream-profile": "7.2", "x-io-timeout": 30}
+# What QEMU 7.2 took and then reported (its extremes, and null for StrOrNull).
+QEMU_ACCEPTS = {
+    "announce-initial": 100000,
+    "announce-rounds": 0,
+    "announce-step": 10000,
+    "compress-level": 9,
+    "compress-threads": 255,
+    "compress-wait-thread": False,
+    "decompress-threads": 1,
+    "cpu-throttle-tailslow": True,
+    "xbzrle-cache-size": 1 << 63,
+    "max-postcopy-bandwidth": 2**64 - 1,
+    "block-incremental": True,
+    "x-checkpoint-delay": 2**32 - 1,
+    "block-bitmap-mapping": [
+        {
+            "node-name": "disk0",
+            "alias": "x-y.z_",
+            "bitmaps": [{"name": "b", "alias": "1", "transform": {"persistent": True}}],
+        }
+    ],
+}
+
+
+@pytest.mark.parametrize("kind", ["source", "destination"])
+def test_every_qemu_parameter(serve: Callable[..., Served], kind: str) -> None:
+    """All of QEMU 7.2's parameters, with its defaults and ranges: those whose
+    feature is not implemented are kept and reported all the same."""
+    served = serve(kind)
+
+    async def scenario() -> None:
+        qmp = await connect(served.path)
+        try:
+            parameters = await ask(qmp, "query-migrate-parameters")
+            assert list(parameters.items()) == [*QEMU_PARAMETERS.items(), *OWN_PARAMETERS.items()]
+            for name, value in QEMU_PARAMETERS.items():
+                assert await qmp.execute("migrate-set-parameters", {name: value}) == {}, name
+            assert await qmp.execute("migrate-set-parameters", QEMU_ACCEPTS) == {}
+            parameters = await ask(qmp, "query-migrate-parameters")
+            assert {n: parameters[n] for n in QEMU_ACCEPTS} == QEMU_ACCEPTS
+            # QEMU lists block-bitmap-mapping once it has been set, last of its own.
+            assert list(parameters)[len(QEMU_PARAMETERS)] == "block-bitmap-mapping"
+
+            await configure(qmp, tls_creds="tls0", tls_hostname="h", tls_authz="a")
+            nulls = {"tls-creds": None, "tls-hostname": None, "tls-authz": None}
+            assert await qmp.execute("migrate-set-parameters", nulls) == {}
+            parameters = await ask(qmp, "query-migrate-parameters")
+            assert {n: parameters[n] for n in nulls} == dict.fromkeys(nulls, "")
         finally:
             await qmp.disconnect()
 

@@ -51,6 +51,48 @@ BAD_PARAMETERS = [
     ({"multifd-zstd-level": 21}, "Parameter 'multifd-zstd-level' expects an integer in the range"),
     ({"x-dirty-tracker": "magic"}, "Parameter 'x-dirty-tracker' does not accept value 'magic'"),
     ({"no-such-parameter": 1}, "Parameter 'no-such-parameter' is unexpected"),
+    # QEMU 7.2's others, with its ranges.
+    (
+        {"compress-level": 10},
+        "Parameter 'compress-level' expects an integer in the range of 0 to 9",
+    ),
+    ({"compress-threads": 0}, "Parameter 'compress-threads' expects an integer in the range"),
+    ({"announce-step": 0}, "Parameter 'announce-step' expects an integer in the range of 1 to"),
+    ({"announce-rounds": 1001}, "Parameter 'announce-rounds' expects an integer in the range"),
+    ({"x-checkpoint-delay": 2**32}, "Parameter 'x-checkpoint-delay' expects an integer in the"),
+    (
+        {"xbzrle-cache-size": 12288},
+        "Parameter 'xbzrle-cache-size' expects a power of two no less than the target page size",
+    ),
+    ({"xbzrle-cache-size": 2048}, "Parameter 'xbzrle-cache-size' expects a power of two"),
+    (
+        {"compress-wait-thread": 1},
+        "Invalid parameter type for 'compress-wait-thread', expected: boolean",
+    ),
+    (
+        {"max-cpu-throttle": 10},
+        "Parameter 'max-cpu-throttle' expects an integer in the range of "
+        "cpu-throttle-initial to 99",
+    ),
+    ({"tls-creds": 1}, "Invalid parameter type for 'tls-creds', expected: StrOrNull"),
+    ({"block-bitmap-mapping": "x"}, "Invalid parameter type for 'block-bitmap-mapping', expected"),
+    (
+        {"block-bitmap-mapping": [{"node-name": "a"}]},
+        "Parameter 'block-bitmap-mapping[0].alias' is missing",
+    ),
+    (
+        {"block-bitmap-mapping": [{"node-name": "a", "alias": "1x", "bitmaps": []}]},
+        "Invalid mapping given for block-bitmap-mapping: The node alias '1x' is not well-formed",
+    ),
+    (
+        {
+            "block-bitmap-mapping": [
+                {"node-name": "a", "alias": "x", "bitmaps": []},
+                {"node-name": "a", "alias": "y", "bitmaps": []},
+            ]
+        },
+        "Invalid mapping given for block-bitmap-mapping: The node name 'a' is mapped twice",
+    ),
     # One bad entry refuses the whole request: the good one is not applied either.
     ({"multifd-channels": 8, "downtime-limit": -5}, "Parameter 'downtime-limit' expects"),
 ]

@@ -12,6 +12,7 @@ from ..memory import RAMBlock
 from ..migration.params import (
     OWN_CAPABILITIES,
     QEMU_CAPABILITIES,
+    SWITCH_WORDS,
     MigrationConfigError,
     parse_parameter_text,
 )
@@ -22,7 +23,6 @@ _SIZE_TEXT = r"(?P<number>\d+(?:\.\d+)?)(?P<suffix>[kKmMgGtT]?)[bB]?"
 _BLOCK = re.compile(rf"(?P<name>.+?)=(?P<size>{_SIZE_TEXT})(?:@(?P<path>.+))?")
 _SIZE = re.compile(_SIZE_TEXT)
 _SHIFTS = {"": 0, "k": 10, "m": 20, "g": 30, "t": 40}
-_STATES = {"on": True, "off": False, "true": True, "false": False, "yes": True, "no": False}
 
 
 class OptionError(ValueError):
@@ -82,12 +82,12 @@ def open_blocks(specs: list[BlockSpec], *, create: bool) -> list[RAMBlock]:
 def parse_capability(text: str) -> tuple[str, bool]:
     """`multifd=on` → ("multifd", True)."""
     name, sep, state = text.partition("=")
-    if not sep or state.lower() not in _STATES:
+    if not sep or state.lower() not in SWITCH_WORDS:
         raise OptionError(f"not a capability setting: {text!r} (NAME=on or NAME=off)")
     known = QEMU_CAPABILITIES + OWN_CAPABILITIES
     if name not in known:
         raise OptionError(f"unknown capability {name!r} (known: {', '.join(known)})")
-    return name, _STATES[state.lower()]
+    return name, SWITCH_WORDS[state.lower()]
 
 
 def parse_parameter(text: str) -> tuple[str, Any]:
