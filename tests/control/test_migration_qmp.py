@@ -119,7 +119,6 @@ def test_cancel_then_restart(serve: Callable[..., Served], sock_dir: Path) -> No
 
             for command, arguments in (
                 ("migrate", {"uri": uri}),
-                ("migrate-set-parameters", {"max-bandwidth": 0}),
                 (
                     "migrate-set-capabilities",
                     {"capabilities": [{"capability": "multifd", "state": False}]},
@@ -156,6 +155,75 @@ def test_cancel_then_restart(serve: Callable[..., Served], sock_dir: Path) -> No
             assert (await statuses_until(dst, ("completed", "failed", "cancelled")))[-1] == (
                 "completed"
             )
+        finally:
+            await src.disconnect()
+            await dst.disconnect()
+
+    run(scenario(), timeout=2 * TIMEOUT)
+    assert destination.block.sha256() == source.block.sha256()
+
+
+def _fixed(name: str) -> str:
+    return (
+        f"Parameter '{name}' cannot be changed while a migration is in progress: "
+        "it takes effect only between migrations"
+    )
+
+
+def test_parameters_while_migrating(serve: Callable[..., Served], sock_dir: Path) -> None:
+    """As QEMU 7.2: max-bandwidth raised during a migration applies to it at
+    once; what a running migration read at its start may only be set to its
+    current value, on either side; capabilities stay refused."""
+    size = 16 << 20
+    slow = 256 << 10  # the 12 MiB after the first chunk would take 48 s
+    source = serve("source", seed=9, size=size)
+    destination = serve("destination", size=size)
+    uri = f"unix:{sock_dir / 'migration.sock'}"
+
+    async def scenario() -> None:
+        src = await connect(source.path, name="src")
+        dst = await connect(destination.path, name="dst")
+        try:
+            await configure(src, max_bandwidth=slow)
+            await configure(dst)
+            await dst.execute("migrate-incoming", {"uri": uri})
+            await src.execute("migrate", {"uri": uri})
+            assert await statuses_until(src, ("active",)) == ["setup", "active"]
+
+            for qmp in (src, dst):
+                # Profile scripts set everything: the current values are fine.
+                assert await qmp.execute("migrate-set-parameters", {"multifd-channels": 2}) == {}
+                for change in ({"multifd-channels": 5}, {"tls-creds": "tls0"}):
+                    with pytest.raises(ExecuteError) as refused:
+                        await qmp.execute("migrate-set-parameters", change)
+                    assert refused.value.error_class == "GenericError"
+                    assert str(refused.value) == _fixed(next(iter(change)))
+            # All or nothing: the good value of a refused request is not kept.
+            with pytest.raises(ExecuteError, match=_fixed("multifd-zlib-level")):
+                await src.execute(
+                    "migrate-set-parameters", {"downtime-limit": 1000, "multifd-zlib-level": 9}
+                )
+            assert (await ask(src, "query-migrate-parameters"))["downtime-limit"] == 300
+            # The destination receives with the zlib level the source chose.
+            assert await dst.execute("migrate-set-parameters", {"multifd-zlib-level": 9}) == {}
+            with pytest.raises(ExecuteError, match=IN_PROGRESS):
+                await src.execute(
+                    "migrate-set-capabilities",
+                    {"capabilities": [{"capability": "auto-converge", "state": True}]},
+                )
+
+            assert (await ask(src, "query-migrate"))["ram"]["transferred"] < size // 2
+            assert await src.execute("migrate-set-parameters", {"max-bandwidth": 0}) == {}
+            assert (await ask(src, "query-migrate-parameters"))["max-bandwidth"] == 0
+            assert (await statuses_until(src, ("completed", "failed", "cancelled")))[-1] == (
+                "completed"
+            )
+            assert (await statuses_until(dst, ("completed", "failed", "cancelled")))[-1] == (
+                "completed"
+            )
+            info = await ask(src, "query-migrate")
+            # At the old limit the whole would have come to about `slow` per second.
+            assert info["ram"]["transferred"] / (info["total-time"] / 1000) > 4 * slow
         finally:
             await src.disconnect()
             await dst.disconnect()

@@ -17,6 +17,7 @@ from multifd.channels import URIError
 from multifd.memory import RAMBlock
 from multifd.migration.destination import MigrationDestination
 from multifd.migration.params import MigrationConfigError
+from multifd.migration.rate_limit import STEP_SECONDS, RateLimit
 from multifd.migration.source import MigrationSource
 
 BAD_PARAMETERS = [
@@ -213,8 +214,9 @@ def test_blocks_refused(nothing_starts: None) -> None:
 
 
 def test_settings_refused_while_migrating(migration: Callable[..., Migration]) -> None:
-    """Changing capabilities or parameters, or starting again, during a
-    migration is refused on both ends; the running migration goes on."""
+    """During a migration capabilities and a new start are refused on both
+    ends, and so is a change to a parameter the migration read as it started;
+    the others are taken. The running migration goes on."""
     m = migration(parameters={"multifd-channels": 2})
     refused: list[str] = []
 
@@ -222,20 +224,49 @@ def test_settings_refused_while_migrating(migration: Callable[..., Migration]) -
         if n != 2:
             return
         for attempt in (
-            lambda: m.source.set_parameters({"downtime-limit": 100}),
             lambda: m.source.set_capabilities({"multifd": False}),
             lambda: m.source.migrate(m.uri),
-            lambda: m.destination.set_parameters({"multifd-channels": 3}),
             lambda: m.destination.incoming(m.uri),
+            lambda: m.source.set_parameters({"downtime-limit": 400, "multifd-channels": 3}),
+            lambda: m.destination.set_parameters({"multifd-channels": 3}),
         ):
             with pytest.raises(MigrationConfigError) as exc:
                 attempt()
             refused.append(str(exc.value))
+        m.source.set_parameters({"downtime-limit": 350, "multifd-channels": 2})
+        m.destination.set_parameters({"downtime-limit": 350, "multifd-channels": 2})
 
     m.on_pass = on_pass
     m.assert_completed()
-    assert refused == ["There's a migration process in progress"] * 5
-    assert m.source.settings.parameter("downtime-limit") == 300
+    fixed = (
+        "Parameter 'multifd-channels' cannot be changed while a migration is in progress: "
+        "it takes effect only between migrations"
+    )
+    assert refused == ["There's a migration process in progress"] * 3 + [fixed] * 2
+    assert m.source.settings.parameter("downtime-limit") == 350
+    assert m.destination.settings.parameter("downtime-limit") == 350
+    # Between migrations every parameter may change again.
+    m.source.set_parameters({"multifd-channels": 3})
+
+
+def test_rate_limit_follows_a_changed_limit_at_once() -> None:
+    """max-bandwidth is read at every step: a raised limit is not owed the old
+    one's backlog, and no wait is longer than one step."""
+    now, queued, limit = [0.0], [0], [1000]
+    rate_limit = RateLimit(lambda: limit[0], lambda: queued[0], clock=lambda: now[0])
+    queued[0] = 10_000  # 10 s at 1000 bytes/s
+    assert rate_limit.delay() == STEP_SECONDS
+    now[0] = 5.0
+    assert rate_limit.delay() == STEP_SECONDS
+    limit[0] = 1 << 20
+    assert rate_limit.delay() == 0.0
+    queued[0] += 1 << 19
+    now[0] = 5.25
+    assert rate_limit.delay() == STEP_SECONDS  # 0.25 s ahead of the new limit
+    now[0] = 5.45
+    assert rate_limit.delay() == pytest.approx(0.05)
+    limit[0] = 0
+    assert rate_limit.delay() == 0.0
 
 
 def test_mismatched_settings_fail_the_migration(migration: Callable[..., Migration]) -> None:

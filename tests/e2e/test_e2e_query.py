@@ -4,12 +4,13 @@ the hint when rounds stop shrinking, and auto-converge's throttle."""
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
 import pytest
-from e2e_support import MiB, Migration, wait_until, write_pages
+from e2e_support import FINISH_TIMEOUT, MiB, Migration, wait_until, write_pages
 
 from multifd.memory import TrackerBase
 
@@ -164,6 +165,33 @@ def test_auto_converge_throttles_until_it_converges(migration: Callable[..., Mig
     throttled = [q for q in seen if "cpu-throttle-percentage" in q]
     assert throttled and all(q["cpu-throttle-percentage"] == 30 for q in throttled)
     assert src["ram"]["dirty-sync-count"] >= 4
+
+
+def test_downtime_limit_raised_mid_migration_lets_it_converge(
+    migration: Callable[..., Migration],
+) -> None:
+    """Every page rewritten at every pass cannot fit downtime-limit 0; raised
+    while the migration runs, the next round's check reads the new limit (as
+    QEMU's does) and the migration completes."""
+    m = migration(parameters={"multifd-channels": 2, "downtime-limit": 0, **EAGER_TRACKER})
+    stuck = threading.Event()
+
+    def on_pass(n: int) -> None:
+        if not m.stopped:
+            write_pages(m.src_blocks[0], ALL_PAGES)
+        if n >= 4:
+            stuck.set()
+
+    m.on_pass = on_pass
+    m.start()
+    assert stuck.wait(FINISH_TIMEOUT)
+    info = m.source.query()
+    assert info["status"] == "active" and info["x-converging"] is False
+    m.source.set_parameters({"downtime-limit": 2_000_000})
+    src, dst = m.finish()
+    assert src["status"] == "completed", src
+    assert dst["status"] == "completed", dst
+    m.assert_identical()
 
 
 def test_total_time_ends_at_completion_not_after_the_teardown(

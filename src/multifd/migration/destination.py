@@ -55,7 +55,7 @@ from ..wire.verify import VERIFY_IDSTR, VerifySection, read_verify
 from ..wire.xbzrle import apply_xbzrle
 from .endpoint import Endpoint
 from .multifd_recv import MultifdReceiver
-from .params import MigrationSettings
+from .params import DESTINATION_SETUP_PARAMETERS, MigrationSettings
 from .qemufile import QEMUFileReader
 from .received import ReceivedPages
 from .return_path import SHUT_FAILED, SHUT_OK, ReturnPathWriter
@@ -78,6 +78,8 @@ class MigrationDestination(Endpoint):
     given, must equal the source's. `device_state` collects the opaque device
     sections of a QEMU source.
     """
+
+    setup_parameters = DESTINATION_SETUP_PARAMETERS
 
     def __init__(
         self,

@@ -2,13 +2,16 @@
 
 One table per kind says the type, default and accepted range of every name
 (every one QEMU 7.2 has, plus ours); `MigrationSettings` keeps the current
-values and refuses bad ones with messages in QEMU's words, before anything starts.
+values and refuses bad ones with messages in QEMU's words. Which parameters a
+running migration reads as it goes, and which only at its start, is said here
+too: the first may change during a migration, the second may not.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping
+import threading
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -137,6 +140,37 @@ INERT_PARAMETERS = frozenset(
     }
 )
 
+# What each side reads once, when a migration starts. A running migration
+# could not follow a change (QEMU 7.2 takes a new multifd-channels and then
+# aborts), so while one runs they may only be set to their current value; the
+# others are read as the migration goes (max-bandwidth, downtime-limit, the
+# auto-converge ones) or not at all.
+SOURCE_SETUP_PARAMETERS = frozenset(
+    {
+        "multifd-channels",
+        "multifd-compression",
+        "multifd-zlib-level",
+        "multifd-zstd-level",
+        "tls-creds",
+        "tls-hostname",
+        "tls-authz",
+        "x-dirty-tracker",
+        "x-stream-profile",
+        "x-io-timeout",
+    }
+)
+DESTINATION_SETUP_PARAMETERS = frozenset(
+    {
+        "multifd-channels",
+        "multifd-compression",
+        "tls-creds",
+        "tls-hostname",
+        "tls-authz",
+        "x-stream-profile",
+        "x-io-timeout",
+    }
+)
+
 
 def _check_value(name: str, value: Any) -> Any:
     spec = PARAMETERS[name]
@@ -211,13 +245,17 @@ def _scaled(text: str) -> int:
 
 
 class MigrationSettings:
-    """The current capabilities and parameters of one endpoint."""
+    """The current capabilities and parameters of one endpoint.
+
+    A running migration reads some parameters as it goes while QMP's thread
+    sets them: a lock makes each request all-or-nothing to every reader."""
 
     def __init__(
         self,
         capabilities: Mapping[str, bool] | None = None,
         parameters: Mapping[str, Any] | None = None,
     ) -> None:
+        self._lock = threading.Lock()
         self.capabilities: dict[str, bool] = dict.fromkeys(
             QEMU_CAPABILITIES + OWN_CAPABILITIES, False
         )
@@ -228,8 +266,10 @@ class MigrationSettings:
             self.set_parameters(parameters)
 
     def copy(self) -> MigrationSettings:
+        with self._lock:
+            parameters = dict(self._parameters)
         copied = MigrationSettings(self.capabilities)
-        copied._parameters = dict(self._parameters)
+        copied._parameters = parameters
         return copied
 
     def set_capabilities(self, states: Mapping[str, bool] | Iterable[Mapping[str, Any]]) -> None:
@@ -253,32 +293,42 @@ class MigrationSettings:
         for name, state in items:
             self.capabilities[name] = state
 
-    def set_parameters(self, values: Mapping[str, Any]) -> None:
-        """Check every value, then set them all."""
+    def set_parameters(self, values: Mapping[str, Any], fixed: Collection[str] = ()) -> None:
+        """Check every value, then set them all; `fixed` names the parameters a
+        running migration has already read, which may only keep their value."""
         checked = {}
         for name, value in values.items():
             if name not in PARAMETERS:
                 raise MigrationConfigError(f"Parameter '{name}' is unexpected")
             checked[name] = _check_value(name, value)
-        merged = {**self._parameters, **checked}
-        # QEMU checks the ceiling against the floor only when the ceiling is set.
-        if "max-cpu-throttle" in checked and (
-            merged["max-cpu-throttle"] < merged["cpu-throttle-initial"]
-        ):
-            raise MigrationConfigError(
-                "Parameter 'max-cpu-throttle' expects an integer in the range of "
-                "cpu-throttle-initial to 99"
-            )
-        self._parameters = merged
+        with self._lock:
+            merged = {**self._parameters, **checked}
+            # QEMU checks the ceiling against the floor only when the ceiling is set.
+            if "max-cpu-throttle" in checked and (
+                merged["max-cpu-throttle"] < merged["cpu-throttle-initial"]
+            ):
+                raise MigrationConfigError(
+                    "Parameter 'max-cpu-throttle' expects an integer in the range of "
+                    "cpu-throttle-initial to 99"
+                )
+            for name in checked:
+                if name in fixed and checked[name] != self._parameters[name]:
+                    raise MigrationConfigError(
+                        f"Parameter '{name}' cannot be changed while a migration is in "
+                        "progress: it takes effect only between migrations"
+                    )
+            self._parameters = merged
 
     def capability(self, name: str) -> bool:
         return self.capabilities[name]
 
     def parameter(self, name: str) -> Any:
-        return self._parameters[name]
+        with self._lock:
+            return self._parameters[name]
 
     def query_capabilities(self) -> list[dict[str, Any]]:
         return [{"capability": n, "state": s} for n, s in self.capabilities.items()]
 
     def query_parameters(self) -> dict[str, Any]:
-        return {n: v for n, v in self._parameters.items() if v is not None}
+        with self._lock:
+            return {n: v for n, v in self._parameters.items() if v is not None}

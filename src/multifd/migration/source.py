@@ -49,8 +49,9 @@ from ..wire.reader import be64, counted_string
 from ..wire.verify import BlockHashes, VerifySection
 from .endpoint import Endpoint
 from .multifd_send import MultifdSender
-from .params import MigrationConfigError, MigrationSettings
+from .params import SOURCE_SETUP_PARAMETERS, MigrationConfigError, MigrationSettings
 from .qemufile import QEMUFileWriter
+from .rate_limit import RateLimit
 from .return_path import ReturnPathReader
 from .state import MigrationState, MigrationStatus
 from .stats import MigrationAborted, RamStats
@@ -82,6 +83,8 @@ class MigrationSource(Endpoint):
     slows the workload when auto-converge asks (0 lifts it); `on_event(name,
     data)` receives QMP-style events (MIGRATION, MIGRATION_PASS).
     """
+
+    setup_parameters = SOURCE_SETUP_PARAMETERS
 
     def __init__(
         self,
@@ -140,6 +143,9 @@ class MigrationSource(Endpoint):
         if self._thread is not None:
             self._thread.join()
         target = parse_uri(uri)
+        # What this migration reads as it starts, checked together here; what
+        # it reads as it goes (max-bandwidth, downtime-limit, auto-converge's)
+        # comes from self.settings, which migrate-set-parameters may change.
         settings = self.settings.copy()
         if settings.capability("x-verify") and self._device_state is not None:
             # A real QEMU destination would refuse the unknown verify section.
@@ -379,7 +385,9 @@ class MigrationSource(Endpoint):
         self._main.write(VMCommand.open_return_path().pack() + VMCommand.ping(FIRST_PING).pack())
 
     def _iterate(self, settings: MigrationSettings, trackers: list, dirty: list) -> list:
-        limit_s = settings.parameter("downtime-limit") / 1000
+        """`settings` holds what migrate() saw; downtime-limit and the
+        auto-converge parameters are read from self.settings at each round, as
+        migrate-set-parameters may change them meanwhile."""
         previous_remaining: int | None = None
         high_dirty_rounds = 0
         while True:
@@ -389,7 +397,7 @@ class MigrationSource(Endpoint):
             pages_before = self.ram.normal + self.ram.duplicate
             self.ram.remaining = sum(len(d) for d in dirty) * TARGET_PAGE_SIZE
             self._main.write(SectionPart(self._ram_section_id).pack())
-            self._send_pages(settings, trackers, dirty, started)
+            self._send_pages(trackers, dirty, paced=True)
             sync_started = time.monotonic()
             self._end_section()
             sync_seconds = time.monotonic() - sync_started
@@ -414,6 +422,7 @@ class MigrationSource(Endpoint):
                 self.ram.remaining / bandwidth + sync_seconds if bandwidth else 0.0
             )
             self._pass_event()
+            limit_s = self.settings.parameter("downtime-limit") / 1000
             # Nothing left to send always fits, however small the limit.
             if not dirty_pages or self._expected_downtime <= limit_s * SWITCHOVER_MARGIN:
                 return dirty
@@ -422,21 +431,21 @@ class MigrationSource(Endpoint):
                 self._converging = self.ram.remaining < previous_remaining
             previous_remaining = self.ram.remaining
             if settings.capability("auto-converge"):
-                threshold = settings.parameter("throttle-trigger-threshold") / 100
-                if self.ram.remaining > sent * threshold:
+                threshold = sent * self.settings.parameter("throttle-trigger-threshold") / 100
+                if self.ram.remaining > threshold:
                     high_dirty_rounds += 1
                 if high_dirty_rounds >= 2:
                     high_dirty_rounds = 0
-                    self._raise_throttle(settings)
+                    self._raise_throttle()
             if self._cancel.is_set():
                 raise MigrationAborted
 
-    def _raise_throttle(self, settings: MigrationSettings) -> None:
+    def _raise_throttle(self) -> None:
         if self._throttle_percent == 0:
-            percent = settings.parameter("cpu-throttle-initial")
+            percent = self.settings.parameter("cpu-throttle-initial")
         else:
-            percent = self._throttle_percent + settings.parameter("cpu-throttle-increment")
-        self._throttle_percent = min(percent, settings.parameter("max-cpu-throttle"))
+            percent = self._throttle_percent + self.settings.parameter("cpu-throttle-increment")
+        self._throttle_percent = min(percent, self.settings.parameter("max-cpu-throttle"))
         if self._throttle is not None:
             self._throttle(self._throttle_percent)
 
@@ -456,7 +465,7 @@ class MigrationSource(Endpoint):
         self._pass_event()
         sent_before = self._bytes_sent()
         self._main.write(SectionPart(self._ram_section_id, end=True).pack())
-        self._send_pages(settings, trackers, dirty, None)
+        self._send_pages(trackers, dirty, paced=False)
         self._end_section()
         vmdesc: list[dict] = []
         if settings.capability("x-verify"):
@@ -539,15 +548,18 @@ class MigrationSource(Endpoint):
         multifd = sum(c.bytes for c in self._sender.stats) if self._sender else 0
         return self._main.bytes_written + multifd
 
-    def _send_pages(
-        self, settings: MigrationSettings, trackers: list, dirty: list, started: float | None
-    ) -> None:
+    def _send_pages(self, trackers: list, dirty: list, *, paced: bool) -> None:
         """One round: zero pages as ZERO records on main, the others in packets
         (or PAGE records on main without multifd). `dirty` holds each block's
         pages in strictly increasing order (an arange, a bitmap's flatnonzero
-        or a union1d): a chunk is a run exactly when it is as long as its span."""
-        max_bandwidth = settings.parameter("max-bandwidth") if started is not None else 0
-        sent_before = self._bytes_queued()
+        or a union1d): a chunk is a run exactly when it is as long as its span.
+        `paced` rounds keep to max-bandwidth (the one after the stop does not,
+        as in QEMU), read afresh at every chunk."""
+        rate_limit = (
+            RateLimit(lambda: self.settings.parameter("max-bandwidth"), self._bytes_queued)
+            if paced
+            else None
+        )
         for tracker, pages in zip(trackers, dirty, strict=True):
             block = tracker.reader  # the block's memory, maybe through an alias
             buffer = block.buffer
@@ -578,8 +590,8 @@ class MigrationSource(Endpoint):
                     self.ram.normal += len(normal)
                 # query() shows the round's progress, as QEMU's dirty-page count does.
                 self.ram.remaining = max(0, self.ram.remaining - len(chunk) * TARGET_PAGE_SIZE)
-                if max_bandwidth:
-                    self._rate_limit(max_bandwidth, started, sent_before)
+                if rate_limit is not None:
+                    self._keep_to(rate_limit)
 
     def _send_on_main(self, name: str, buffer: memoryview, pages: np.ndarray) -> None:
         """Plain precopy: PAGE records, the block named on its first page only."""
@@ -600,10 +612,10 @@ class MigrationSource(Endpoint):
         multifd = self._sender.queued_bytes if self._sender else 0
         return self._main.bytes_written + multifd
 
-    def _rate_limit(self, max_bandwidth: int, started: float, sent_before: int) -> None:
-        ahead = (self._bytes_queued() - sent_before) / max_bandwidth - (time.monotonic() - started)
-        if ahead > 0 and self._cancel.wait(ahead):
-            raise MigrationAborted
+    def _keep_to(self, rate_limit: RateLimit) -> None:
+        while (delay := rate_limit.delay()) > 0:
+            if self._cancel.wait(delay) or self.state.error is not None:
+                raise MigrationAborted
 
     def _end_section(self) -> None:
         """Sync every channel, then EOS and the footer: the round's sync point."""
