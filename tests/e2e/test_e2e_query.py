@@ -194,6 +194,41 @@ def test_downtime_limit_raised_mid_migration_lets_it_converge(
     m.assert_identical()
 
 
+@pytest.mark.parametrize("tailslow", [False, True])
+def test_tailslow_steps_only_as_far_as_needed(
+    migration: Callable[..., Migration], tailslow: bool
+) -> None:
+    """A writer that stops once throttled twice. The second step is the whole
+    increment, or with cpu-throttle-tailslow only what brings the dirty rate
+    to the threshold: all pages dirtied against a threshold of half of them
+    sent asks for about half the CPU the workload still has (QEMU's rule)."""
+    m = migration(
+        capabilities={"auto-converge": True},
+        parameters={
+            "multifd-channels": 2,
+            "downtime-limit": 0,
+            "cpu-throttle-initial": 30,
+            "cpu-throttle-increment": 60,
+            "cpu-throttle-tailslow": tailslow,
+            **EAGER_TRACKER,
+        },
+    )
+
+    def on_pass(n: int) -> None:
+        if len(m.throttles) < 2 and not m.stopped:
+            write_pages(m.src_blocks[0], ALL_PAGES)
+
+    m.on_pass = on_pass
+    m.assert_completed()
+    first, second, lifted = m.throttles
+    assert (first, lifted) == (30, 0)
+    if tailslow:
+        # 70 % still runs; about half of it is the ideal: a step of about 35.
+        assert 60 <= second <= 70, m.throttles
+    else:
+        assert second == 90
+
+
 def test_total_time_ends_at_completion_not_after_the_teardown(
     migration: Callable[..., Migration], monkeypatch: pytest.MonkeyPatch
 ) -> None:

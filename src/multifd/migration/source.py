@@ -436,15 +436,25 @@ class MigrationSource(Endpoint):
                     high_dirty_rounds += 1
                 if high_dirty_rounds >= 2:
                     high_dirty_rounds = 0
-                    self._raise_throttle()
+                    self._raise_throttle(self.ram.remaining, threshold)
             if self._cancel.is_set():
                 raise MigrationAborted
 
-    def _raise_throttle(self) -> None:
+    def _raise_throttle(self, dirty: int, threshold: float) -> None:
+        """`dirty` bytes were dirtied in a round that sent `threshold` bytes'
+        worth of throttle-trigger-threshold (QEMU's mig_throttle_guest_down)."""
         if self._throttle_percent == 0:
             percent = self.settings.parameter("cpu-throttle-initial")
         else:
-            percent = self._throttle_percent + self.settings.parameter("cpu-throttle-increment")
+            increment = self.settings.parameter("cpu-throttle-increment")
+            if self.settings.parameter("cpu-throttle-tailslow"):
+                # Near the end a full step would slow the workload more than
+                # needed: step at most to the share of CPU at which it would
+                # dirty just the threshold (QEMU truncates it the same way).
+                running = 100 - self._throttle_percent
+                ideal = int(running * threshold / dirty)
+                increment = min(running - ideal, increment)
+            percent = self._throttle_percent + increment
         self._throttle_percent = min(percent, self.settings.parameter("max-cpu-throttle"))
         if self._throttle is not None:
             self._throttle(self._throttle_percent)
