@@ -108,6 +108,29 @@ def test_a_destination_cancel_reaches_the_source(migration: Callable[..., Migrat
     m.assert_completed()
 
 
+def test_a_throttled_source_fails_as_soon_as_the_destination_cancels(
+    migration: Callable[..., Migration],
+) -> None:
+    """The migration thread waiting out max-bandwidth (a 4 MiB chunk takes 16 s
+    at 256 KiB/s) still notices the destination's failure within its 100 ms steps."""
+    m = migration(
+        sizes=(16 * MiB,), capabilities=RETURN_PATH, parameters={"max-bandwidth": 256 * 1024}
+    )
+    m.start()
+    wait_until(
+        lambda: m.source.query()["ram"]["transferred"] > MiB, what="part of the first chunk sent"
+    )
+    m.destination.cancel()
+    wait_until(lambda: m.source.state.error is not None, what="the SHUT 1")
+    info = m.source.wait(2.0)
+    assert info["status"] == "failed", info
+    assert info["error-desc"] == (
+        "the destination reported failure (SHUT 1): cancelled at the destination"
+    )
+    m.source.set_parameters({"max-bandwidth": 0})
+    m.assert_completed()
+
+
 def test_return_path_needs_a_socket(tmp_path: Path) -> None:
     block = RAMBlock.anonymous("pc.ram", MiB)
     try:
