@@ -150,7 +150,8 @@ def _daemon(role: Role, args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
         print(info_migrate_text(info, daemon.endpoint.settings.capabilities))
-    return 0 if info["status"] == "completed" else 1
+    # No status: an incoming side stopped before any source came.
+    return 0 if info.get("status") == "completed" else 1
 
 
 def _add_daemon_options(p: argparse.ArgumentParser) -> None:

@@ -7,6 +7,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from .channels import socket_address_uri
+
 
 def human(n: float) -> str:
     for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
@@ -106,16 +108,18 @@ def info_migrate_text(info: dict[str, Any], capabilities: dict[str, bool] | None
     status = info.get("status", "none")
     error = f" ({info['error-desc']})" if status == "failed" and "error-desc" in info else ""
     lines.append(f"Migration status: {status}{error}")
-    if "total-time" in info:
-        lines.append(f"total time: {info['total-time']} ms")
-    for key, label in (
-        ("expected-downtime", "expected downtime"),
-        ("downtime", "downtime"),
-        ("setup-time", "setup"),
+    # An incoming side's times and counters are ours (x-): QEMU's shows none,
+    # but they are the same figures, printed in the same words.
+    for keys, label in (
+        (("total-time", "x-total-time"), "total time"),
+        (("expected-downtime",), "expected downtime"),
+        (("downtime", "x-downtime"), "downtime"),
+        (("setup-time",), "setup"),
     ):
-        if key in info:
-            lines.append(f"{label}: {info[key]} ms")
-    ram = info.get("ram")
+        for key in keys:
+            if key in info:
+                lines.append(f"{label}: {info[key]} ms")
+    ram = info.get("ram") or info.get("x-ram")
     if ram:
         lines += [
             f"transferred ram: {ram['transferred'] >> 10} kbytes",
@@ -141,7 +145,8 @@ def info_migrate_text(info: dict[str, Any], capabilities: dict[str, bool] | None
     if info.get("cpu-throttle-percentage"):
         lines.append(f"cpu throttle percentage: {info['cpu-throttle-percentage']}")
     if "socket-address" in info:
-        lines += ["socket address: [", f"\t{info['socket-address']}", "]"]
+        uris = [f"\t{socket_address_uri(a)}" for a in info["socket-address"]]
+        lines += ["socket address: [", *uris, "]"]
     if "x-rounds" in info:
         lines.append(f"rounds: {info['x-rounds']}")
     trackers = info.get("x-dirty-tracker")
@@ -162,7 +167,7 @@ def qemu_progress_table(qemu: dict[str, Any], ours: dict[str, Any]) -> Table:
     for column in ("QEMU", "sent", "remaining", "throughput", "multifd", "ours", "received"):
         table.add_column(column, justify="right")
     ram = qemu.get("ram", {})
-    our_ram = ours.get("ram", {})
+    our_ram = ours.get("x-ram", {})
     table.add_row(
         qemu.get("status", "?"),
         human(ram.get("transferred", 0)),
@@ -194,7 +199,7 @@ def render_snapshot(manifest: dict[str, Any], console: Console) -> None:
     )
     table.add_row(
         "pages (received)",
-        f"{ours['ram']['normal']} normal, {ours['ram']['duplicate']} zero",
+        f"{ours['x-ram']['normal']} normal, {ours['x-ram']['duplicate']} zero",
     )
     table.add_row("device sections", str(len(manifest["device-sections"])))
     console.print(table)

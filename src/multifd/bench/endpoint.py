@@ -54,7 +54,7 @@ def _destination_main(spec: DestinationSpec, conn: Connection) -> None:
         cpu_ready = time.process_time()
         conn.send({"uri": uri, "rss_ready": proc_status().get("VmRSS", 0)})
         info = destination.wait(spec.timeout)
-        if info["status"] not in ("completed", "failed", "cancelled"):
+        if not destination.state.status.finished:
             destination.cancel()
             info = destination.query()
         memory = proc_status()

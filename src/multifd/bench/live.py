@@ -136,7 +136,7 @@ class Live:
             return result
         result.seconds = report["completed_at"] - started
         result.rounds = info.get("x-rounds", 0)
-        result.downtime_ms = report["query"].get("downtime", 0)
+        result.downtime_ms = report["query"].get("x-downtime", 0)
         result.source_downtime_ms = info.get("downtime", 0)
         result.max_throttle = max(throttles)
         result.transferred = info["ram"]["transferred"]

@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..channels import socket_address_uri
 from ..qemu.launch import QemuVM
 from ..qemu.qmp import QMPConnection
 from ..qemu.snapshot import UNLIMITED_BANDWIDTH
@@ -80,7 +81,7 @@ class RamFileVM:
             return uri
         for address in self.qmp.execute("query-migrate").get("socket-address", []):
             if address.get("type") == "inet":
-                return f"tcp:{address['host']}:{address['port']}"
+                return str(socket_address_uri(address))
         raise RuntimeError(f"QEMU did not report the address it listens on for {uri}")
 
     def wait(self, timeout: float, *, source: bool) -> dict[str, Any]:

@@ -17,6 +17,7 @@ from .uri import (
     URIError,
     check_multifd,
     parse_uri,
+    socket_address_uri,
 )
 
 __all__ = [
@@ -45,4 +46,5 @@ __all__ = [
     "check_multifd",
     "connect_channels",
     "parse_uri",
+    "socket_address_uri",
 ]

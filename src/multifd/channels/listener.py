@@ -15,6 +15,7 @@ import threading
 import time
 from dataclasses import dataclass
 from types import TracebackType
+from typing import Any
 
 from multifd.wire import INIT_SIZE, MULTIFD_MAGIC, QEMU_VM_FILE_MAGIC, MultiFDInit, WireError
 
@@ -26,6 +27,7 @@ from .transport import (
     check_setup,
     listen_socket,
     open_stream,
+    socket_address,
     unlink_socket,
 )
 from .uri import MigrationURI, TcpURI, UnixURI, parse_uri
@@ -134,6 +136,9 @@ class Listener:
         self._wake_reader: socket.socket | None = None
         self._wake_writer: socket.socket | None = None
         self._accept_thread: threading.Thread | None = None
+        # What query-migrate shows while we listen; QEMU shows none for fd:,
+        # exec: and file:, which are not listened on.
+        self.socket_addresses: list[dict[str, Any]] = []
         if not isinstance(target, TcpURI | UnixURI):
             self._main = open_stream(target, "main channel", outgoing=False)
             return
@@ -150,6 +155,7 @@ class Listener:
         # An overflowing queue drops SYNs, and every connect behind them, the
         # source's too, waits a whole SYN retransmission (1 s, then 3 s …).
         self._sock, self.uri = listen_socket(target, backlog=socket.SOMAXCONN)
+        self.socket_addresses = [socket_address(self._sock)]
         if isinstance(target, UnixURI):
             st = os.stat(target.path)
             self._unix_identity = (st.st_dev, st.st_ino)

@@ -10,6 +10,7 @@ import socket
 import stat
 import subprocess
 from collections.abc import Callable
+from typing import Any
 
 from .channel import Channel
 from .errors import ChannelError, ChannelTimeoutError, os_error_text
@@ -127,6 +128,19 @@ def listen_socket(uri: SocketURI, backlog: int) -> tuple[socket.socket, SocketUR
         raise ChannelError(
             "listener", f"cannot listen on {uri}: {os_error_text(exc)}", errno=exc.errno
         ) from None
+
+
+def socket_address(sock: socket.socket) -> dict[str, Any]:
+    """The address `sock` is bound to as QEMU's SocketAddress (qapi/sockets.json),
+    as query-migrate shows a listener's: a numeric host, the port as a string,
+    and the flag of the family bound (socket_sockaddr_to_address_inet)."""
+    if sock.family == socket.AF_UNIX:
+        return {"type": "unix", "path": sock.getsockname()}
+    host, port = socket.getnameinfo(
+        sock.getsockname(), socket.NI_NUMERICHOST | socket.NI_NUMERICSERV
+    )
+    family = "ipv4" if sock.family == socket.AF_INET else "ipv6"
+    return {"type": "inet", "host": host, "port": port, family: True}
 
 
 def _remove_stale_socket(path: str) -> None:

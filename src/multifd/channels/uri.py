@@ -4,7 +4,9 @@ into values, refused early with the accepted forms when malformed."""
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 ACCEPTED_FORMS = (
     "tcp:HOST:PORT (HOST may be [IPv6]; port 0 picks a free port when listening), "
@@ -104,6 +106,18 @@ def check_multifd(uri: MigrationURI) -> None:
             f"multifd is not supported by current protocol: {reason}; use tcp: or unix:",
             show_forms=False,
         )
+
+
+def socket_address_uri(address: Mapping[str, Any]) -> TcpURI | UnixURI:
+    """The URI of a QEMU SocketAddress as query-migrate shows a listener's
+    (`{"type": "inet", "host": …, "port": "…"}` or `{"type": "unix", "path": …}`),
+    as QEMU's socket_uri reads it for `info migrate`."""
+    kind = address.get("type")
+    if kind == "inet":
+        return TcpURI(address["host"], int(address["port"]))
+    if kind == "unix":
+        return UnixURI(address["path"])
+    raise URIError(str(dict(address)), f"a socket address of type {kind!r} has no migration URI")
 
 
 def parse_uri(text: str | MigrationURI) -> MigrationURI:

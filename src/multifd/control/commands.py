@@ -186,7 +186,8 @@ class MigrationCommands:
             run_state = "running" if status is MigrationStatus.COMPLETED else "inmigrate"
         elif status is MigrationStatus.COMPLETED:
             run_state = "postmigrate"
-        elif status is MigrationStatus.DEVICE:
+        elif self.endpoint.stopped:
+            # Stopped for the switchover; the migration status stays active.
             run_state = "finish-migrate"
         else:
             run_state = "running"

@@ -76,7 +76,7 @@ def _destination_main(options: DemoOptions, uri: str, conn: Connection) -> None:
     try:
         conn.send({"uri": destination.incoming(uri)})
         info = destination.wait(DESTINATION_TIMEOUT)
-        if info["status"] not in ("completed", "failed", "cancelled"):
+        if not destination.state.status.finished:
             destination.cancel()
             info = destination.query()
         digest = block_digest(block) if info["status"] == "completed" else None
@@ -148,7 +148,7 @@ def run_demo(
     destination = report.get("query", {})
     result["destination"] = {
         "status": destination.get("status"),
-        "downtime": destination.get("downtime"),
+        "downtime": destination.get("x-downtime"),
         "error-desc": destination.get("error-desc", report.get("error")),
         "state": (report.get("state") or b"").decode(errors="replace"),
     }

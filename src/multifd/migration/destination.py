@@ -63,7 +63,7 @@ from .state import MigrationState, MigrationStatus
 from .stats import MigrationAborted, RamStats
 from .tls_settings import tls_config
 
-Event = Callable[[str, dict[str, Any]], None]
+Event = Callable[[str, dict[str, Any] | None], None]
 # Makes the destination's blocks from the source's block list, when the
 # destination cannot know them in advance (saving a QEMU VM to files).
 BlockProvider = Callable[[Sequence[RamBlockEntry]], Sequence[RAMBlock]]
@@ -76,7 +76,9 @@ class MigrationDestination(Endpoint):
     block list. `on_resume(state)` is called with the application's state (bytes, or None
     when the source sent none) once all memory has landed. `machine_type`, when
     given, must equal the source's. `device_state` collects the opaque device
-    sections of a QEMU source.
+    sections of a QEMU source. `on_event(name, data)` receives QMP-style events:
+    MIGRATION when the `events` capability is on, and always RESUME when the
+    workload resumes here (as QEMU's run state events, which no capability gates).
     """
 
     setup_parameters = DESTINATION_SETUP_PARAMETERS
@@ -113,6 +115,7 @@ class MigrationDestination(Endpoint):
         self._receiver: MultifdReceiver | None = None
         self._return_path: ReturnPathWriter | None = None
         self.uri: str | None = None
+        self._socket_addresses: list[dict[str, Any]] = []
         # Pages this migration wrote, per untouched block: made when it loads.
         self._received = ReceivedPages({})
         self._reset()
@@ -146,6 +149,7 @@ class MigrationDestination(Endpoint):
         with self._lock:
             self._listener = listener
         self.uri = str(listener.uri)
+        self._socket_addresses = listener.socket_addresses
         self.state.set(MigrationStatus.SETUP)
         self._thread = threading.Thread(
             target=self._run, args=(settings, listener), name="migration-incoming", daemon=True
@@ -183,24 +187,33 @@ class MigrationDestination(Endpoint):
     # -- query ----------------------------------------------------------------
 
     def query(self) -> dict[str, Any]:
+        """A `query-migrate` answer as QEMU's incoming side gives it
+        (fill_destination_migration_info): `socket-address` while listening, no
+        status until the source's channels are all here (QEMU's incoming state
+        stays none until then; our `setup` is that wait), then only the status.
+        One addition: `error-desc` once failed, as later QEMU versions give it
+        (7.2's destination process exits instead). What we received, and the downtime
+        as seen here, come as our `x-` members, from active on."""
         status = self.state.status
-        info: dict[str, Any] = {"status": status.value}
-        if status is MigrationStatus.NONE:
+        info: dict[str, Any] = {}
+        if self._socket_addresses:
+            info["socket-address"] = [dict(a) for a in self._socket_addresses]
+        if status in (MigrationStatus.NONE, MigrationStatus.SETUP):
             return info
-        if self.uri is not None:
-            info["socket-address"] = self.uri
-        end = self._end_time or time.monotonic()
-        info["total-time"] = int((end - self._start_time) * 1000)
-        if self._downtime is not None:
-            info["downtime"] = int(self._downtime * 1000)
+        info["status"] = status.value
         if status is MigrationStatus.FAILED and self.state.error:
             info["error-desc"] = self.state.error
+        end = self._end_time or time.monotonic()
+        info["x-total-time"] = int((end - self._start_time) * 1000)
+        if self._downtime is not None:
+            # From the source's stop to our resume, both clocks on this host.
+            info["x-downtime"] = int(self._downtime * 1000)
         stats = self._receiver.stats if self._receiver is not None else self._last_channel_stats
         ram = self.ram.to_json(sum(c.bytes for c in stats))
         repeated = self._receiver.repeated if self._receiver is not None else self._repeated
         ram["normal"] += sum(c.pages for c in stats) - repeated
         ram["normal-bytes"] = ram["normal"] * TARGET_PAGE_SIZE
-        info["ram"] = ram
+        info["x-ram"] = ram
         info["x-rounds"] = self._rounds
         info["x-multifd-channels"] = [c.to_json() for c in stats]
         if self.machine_type_received is not None:
@@ -228,10 +241,14 @@ class MigrationDestination(Endpoint):
         self._verify_stats: dict[str, int] | None = None
 
     def _status_changed(self, status: MigrationStatus) -> None:
+        if self.settings.capability("events"):
+            self._event("MIGRATION", {"status": status.value})
+
+    def _event(self, name: str, data: dict[str, Any] | None) -> None:
         # Read once: a QMP server may detach it from another thread.
         on_event = self.on_event
-        if on_event is not None and self.settings.capability("events"):
-            on_event("MIGRATION", {"status": status.value})
+        if on_event is not None:
+            on_event(name, data)
 
     def _fail(self, message: str) -> None:
         # After cancel, broken sockets are its consequence, not an error.
@@ -389,6 +406,8 @@ class MigrationDestination(Endpoint):
         resumed_ns = time.time_ns()
         if self._on_resume is not None:
             self._on_resume(self.app_state.data if self.app_state else None)
+        # As QEMU's vm_start on the incoming side: RESUME, then `completed`.
+        self._event("RESUME", None)
         if self.app_state is not None and self.app_state.stop_time_ns:
             self._downtime = max(0, resumed_ns - self.app_state.stop_time_ns) / 1e9
 
@@ -534,6 +553,7 @@ class MigrationDestination(Endpoint):
             self._connections = None
             self._listener = None
             self._return_path = None
+        self._socket_addresses = []
         # Failed or cancelled: reset the connections, so that a source blocked
         # writing into a full window fails at once rather than at its timeout.
         reset = self.state.status is not MigrationStatus.COMPLETED

@@ -22,6 +22,9 @@ from ..channels import (
     Connections,
     ExecURI,
     FileURI,
+    MigrationURI,
+    URIError,
+    check_multifd,
     connect_channels,
     parse_uri,
 )
@@ -71,7 +74,7 @@ FIRST_PING = 1
 # breaks first, this long is given to the return path to tell why.
 VERDICT_GRACE = 1.0
 
-Event = Callable[[str, dict[str, Any]], None]
+Event = Callable[[str, dict[str, Any] | None], None]
 
 
 class MigrationSource(Endpoint):
@@ -81,7 +84,10 @@ class MigrationSource(Endpoint):
     the migration then fails or is cancelled; `save_state` returns the
     application's state (bytes) to carry in a device section; `throttle(percent)`
     slows the workload when auto-converge asks (0 lifts it); `on_event(name,
-    data)` receives QMP-style events (MIGRATION, MIGRATION_PASS).
+    data)` receives QMP-style events: MIGRATION and MIGRATION_PASS when the
+    `events` capability is on, and always STOP when the workload stops for the
+    switchover and RESUME when a failed one restarts it (as QEMU's run state
+    events, which no capability gates).
     """
 
     setup_parameters = SOURCE_SETUP_PARAMETERS
@@ -138,10 +144,35 @@ class MigrationSource(Endpoint):
     def migrate(self, uri: str) -> None:
         """Start migrating to `uri`; returns at once (the work runs in its own thread).
 
-        Bad settings or a bad URI raise here, before anything starts."""
+        A bad URI, or settings that cannot go with it, raise here; as in QEMU
+        that migration has then begun and failed (status `failed` with the
+        error, MIGRATION events setup and failed), and another may start at once.
+        """
         self._refuse_while_running()
         if self._thread is not None:
             self._thread.join()
+        try:
+            target, settings, tls = self._prepare(uri)
+        except (URIError, ChannelError, MigrationConfigError) as exc:
+            self._reset_counters()
+            self.state.set(MigrationStatus.SETUP)
+            self.state.fail(str(exc))
+            self._end_time = time.monotonic()
+            self.state.set(MigrationStatus.FAILED)
+            raise
+        self._reset_counters()
+        self._cancel.clear()
+        with self._lock:
+            self._connecting = ConnectAbort()
+        self.state.set(MigrationStatus.SETUP)
+        self._thread = threading.Thread(
+            target=self._run, args=(target, settings, tls), name="migration", daemon=True
+        )
+        self._thread.start()
+
+    def _prepare(self, uri: str) -> tuple[MigrationURI, MigrationSettings, Any]:
+        """The target, a copy of the settings and the TLS configuration, or why
+        this URI cannot be migrated to with these settings."""
         target = parse_uri(uri)
         # What this migration reads as it starts, checked together here; what
         # it reads as it goes (max-bandwidth, downtime-limit, auto-converge's)
@@ -158,21 +189,9 @@ class MigrationSource(Endpoint):
                 f"return-path needs a socket (tcp:, unix: or an fd: socket): {target} "
                 "cannot carry the destination's answers"
             )
-        multifd = settings.capability("multifd")
-        if multifd:
-            from ..channels import check_multifd
-
+        if settings.capability("multifd"):
             check_multifd(target)
-        tls = tls_config(settings)
-        self._reset_counters()
-        self._cancel.clear()
-        with self._lock:
-            self._connecting = ConnectAbort()
-        self.state.set(MigrationStatus.SETUP)
-        self._thread = threading.Thread(
-            target=self._run, args=(target, settings, tls), name="migration", daemon=True
-        )
-        self._thread.start()
+        return target, settings, tls_config(settings)
 
     def wait(self, timeout: float | None = None) -> dict[str, Any]:
         """Wait until the migration has finished and every thread is joined."""
@@ -199,27 +218,29 @@ class MigrationSource(Endpoint):
     # -- query ----------------------------------------------------------------
 
     def query(self) -> dict[str, Any]:
-        """A `query-migrate` answer, plus per-channel figures QEMU lacks."""
+        """A `query-migrate` answer with QEMU's members in the states QEMU shows
+        them (fill_source_migration_info): none at all before a migration, only
+        the status in setup, times and `ram` while active and once completed,
+        the status and `error-desc` once failed. Our `x-` members follow once
+        setup is done: a failed or cancelled migration keeps its channels'
+        figures and errors and the return path's verdict, which say what went
+        wrong."""
         status = self.state.status
-        info: dict[str, Any] = {"status": status.value}
         if status is MigrationStatus.NONE:
+            return {}
+        info: dict[str, Any] = {"status": status.value}
+        if status is MigrationStatus.SETUP:
             return info
-        now = time.monotonic()
-        end = self._end_time or now
-        info["total-time"] = int((end - self._start_time) * 1000)
-        if self._setup_time is not None:
-            info["setup-time"] = int(self._setup_time * 1000)
-        if status is MigrationStatus.COMPLETED:
-            info["downtime"] = int(self._downtime * 1000)
-        elif status in (MigrationStatus.ACTIVE, MigrationStatus.DEVICE):
-            info["expected-downtime"] = int(self._expected_downtime * 1000)
         if status is MigrationStatus.FAILED and self.state.error:
             info["error-desc"] = self.state.error
-        multifd_bytes = sum(c.bytes for c in self._channel_stats())
-        self.ram.main_bytes = self._main.bytes_written if self._main is not None else 0
-        info["ram"] = self.ram.to_json(multifd_bytes)
-        if self._throttle_percent:
-            info["cpu-throttle-percentage"] = self._throttle_percent
+        if status in (
+            MigrationStatus.ACTIVE,
+            MigrationStatus.CANCELLING,
+            MigrationStatus.COMPLETED,
+        ):
+            self._time_and_ram(status, info)
+        if status.finished and self._setup_time is None:
+            return info  # ended in setup: our figures hold nothing yet
         info["x-converging"] = self._converging
         info["x-rounds"] = self._round
         info["x-dirty-tracker"] = self._tracker_names
@@ -234,6 +255,26 @@ class MigrationSource(Endpoint):
             # how many pages it vouched for (and, with return-path, the verdict).
             info["x-verify"] = {"pages": self._verified_pages}
         return info
+
+    def _time_and_ram(self, status: MigrationStatus, info: dict[str, Any]) -> None:
+        end = self._end_time or time.monotonic()
+        info["setup-time"] = int((self._setup_time or 0) * 1000)
+        info["total-time"] = int((end - self._start_time) * 1000)
+        if status is MigrationStatus.COMPLETED:
+            info["downtime"] = int(self._downtime * 1000)
+        else:
+            info["expected-downtime"] = int(self._expected_downtime * 1000)
+        multifd_bytes = sum(c.bytes for c in self._channel_stats())
+        self.ram.main_bytes = self._main.bytes_written if self._main is not None else 0
+        info["ram"] = self.ram.to_json(multifd_bytes)
+        if self._throttle_percent:
+            info["cpu-throttle-percentage"] = self._throttle_percent
+
+    @property
+    def stopped(self) -> bool:
+        """The workload is stopped for the switchover (QEMU's run state
+        `finish-migrate`), or for good once the migration completed."""
+        return self._stopped
 
     def _channel_stats(self) -> list:
         return self._sender.stats if self._sender is not None else self._last_channel_stats
@@ -259,10 +300,14 @@ class MigrationSource(Endpoint):
         self._return_path_info: dict[str, Any] | None = None
 
     def _status_changed(self, status: MigrationStatus) -> None:
+        if self.settings.capability("events"):
+            self._event("MIGRATION", {"status": status.value})
+
+    def _event(self, name: str, data: dict[str, Any] | None) -> None:
         # Read once: a QMP server may detach it from another thread.
         on_event = self.on_event
-        if on_event is not None and self.settings.capability("events"):
-            on_event("MIGRATION", {"status": status.value})
+        if on_event is not None:
+            on_event(name, data)
 
     def _fail(self, message: str) -> None:
         # After cancel, broken sockets are its consequence, not an error.
@@ -464,11 +509,16 @@ class MigrationSource(Endpoint):
         stop_ns = time.time_ns()
         stopped_at = time.monotonic()
         # Set first: an on_stop that fails may have stopped part of the workload,
-        # and resuming a running one is harmless (QEMU's vm_was_running).
+        # and resuming a running one is harmless (QEMU's vm_was_running). STOP
+        # is announced even then, so that the RESUME of the undo has its pair.
         self._stopped = True
-        if self._on_stop is not None:
-            self._on_stop()
-        self.state.set(MigrationStatus.DEVICE)
+        try:
+            if self._on_stop is not None:
+                self._on_stop()
+        finally:
+            # As QEMU's vm_stop: STOP once stopped, before the last dirty sync
+            # (its MIGRATION_PASS). The status stays active.
+            self._event("STOP", None)
         dirty = [np.union1d(d, t.collect().indices()) for d, t in zip(dirty, trackers, strict=True)]
         self.ram.dirty_sync_count += 1
         self.ram.remaining = sum(len(d) for d in dirty) * TARGET_PAGE_SIZE
@@ -635,10 +685,8 @@ class MigrationSource(Endpoint):
         self._main.flush()
 
     def _pass_event(self) -> None:
-        # Read once: a QMP server may detach it from another thread.
-        on_event = self.on_event
-        if on_event is not None and self.settings.capability("events"):
-            on_event("MIGRATION_PASS", {"pass": self.ram.dirty_sync_count})
+        if self.settings.capability("events"):
+            self._event("MIGRATION_PASS", {"pass": self.ram.dirty_sync_count})
 
     # -- the one way out --------------------------------------------------------
 
@@ -666,18 +714,27 @@ class MigrationSource(Endpoint):
             self._end_time = time.monotonic()
         if self.state.status is MigrationStatus.COMPLETED:
             return
-        if self._stopped and self._on_resume is not None:
-            # The source keeps running: the failed switchover is undone.
-            self._undo(self._on_resume)
+        # The source keeps running: a failed switchover is undone, and RESUME
+        # announces it as QEMU's vm_start does: before `cancelled` (QEMU's
+        # cleanup sets it later), after `failed` (set before QEMU restarts).
+        resumed = self._stopped
+        if resumed:
+            if self._on_resume is not None:
+                self._undo(self._on_resume)
+            self._stopped = False
         if self._throttle_percent and self._throttle is not None:
             self._undo(self._throttle, 0)
         if self._cancel.is_set() and self.state.error is None:
+            if resumed:
+                self._event("RESUME", None)
             self.state.set(MigrationStatus.CANCELLING)
             self.state.set(MigrationStatus.CANCELLED)
         else:
             if self.state.error is None:
                 self.state.fail("migration stopped without an error message")
             self.state.set(MigrationStatus.FAILED)
+            if resumed:
+                self._event("RESUME", None)
 
     def _undo(self, callback: Callable[..., None], *args: Any) -> None:
         """Call the application on the way out. If it raises, that becomes the

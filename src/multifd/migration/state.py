@@ -1,7 +1,10 @@
 """The migration state machine, with QEMU's status names and the first error.
 
-Transitions are a table, not flags: a migration goes setup → active → device →
-completed, or to failed / cancelled from any live state, and never back.
+Transitions are a table, not flags: a migration goes setup → active → completed,
+or to failed / cancelled from any live state, and never back. There is no
+`device` status: QEMU 7.2 enters it only with `pause-before-switchover`, which
+we do not implement, so a switchover stays `active` (the stopped workload shows
+in query-status, as QEMU's run state `finish-migrate`).
 """
 
 from __future__ import annotations
@@ -18,7 +21,6 @@ class MigrationStatus(Enum):
     NONE = "none"
     SETUP = "setup"
     ACTIVE = "active"
-    DEVICE = "device"  # switchover: the workload is stopped, the last round is on the wire
     CANCELLING = "cancelling"
     CANCELLED = "cancelled"
     COMPLETED = "completed"
@@ -37,7 +39,6 @@ class MigrationStatus(Enum):
         return self in (
             MigrationStatus.SETUP,
             MigrationStatus.ACTIVE,
-            MigrationStatus.DEVICE,
             MigrationStatus.CANCELLING,
         )
 
@@ -47,8 +48,7 @@ _FINISHED = frozenset({_S.COMPLETED, _S.FAILED, _S.CANCELLED})
 TRANSITIONS: dict[MigrationStatus, frozenset[MigrationStatus]] = {
     _S.NONE: frozenset({_S.SETUP}),
     _S.SETUP: frozenset({_S.ACTIVE, _S.CANCELLING, _S.FAILED}),
-    _S.ACTIVE: frozenset({_S.DEVICE, _S.COMPLETED, _S.CANCELLING, _S.FAILED}),
-    _S.DEVICE: frozenset({_S.COMPLETED, _S.CANCELLING, _S.FAILED}),
+    _S.ACTIVE: frozenset({_S.COMPLETED, _S.CANCELLING, _S.FAILED}),
     _S.CANCELLING: frozenset({_S.CANCELLED, _S.FAILED}),
     # A finished migration may be started again.
     _S.COMPLETED: frozenset({_S.SETUP}),

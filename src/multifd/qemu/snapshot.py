@@ -126,11 +126,12 @@ def save(
             destination.cancel()
             for block in blocks:
                 block.close()
-        if qemu_info.get("status") != "completed" or ours["status"] != "completed":
+        # Our incoming side shows no status until the source's channels are all here.
+        if qemu_info.get("status") != "completed" or ours.get("status") != "completed":
             raise SnapshotError(
                 "migration did not complete: QEMU "
                 f"{qemu_info.get('status')} ({qemu_info.get('error-desc', 'no error')}), "
-                f"destination {ours['status']} ({ours.get('error-desc', 'no error')})"
+                f"destination {ours.get('status', 'none')} ({ours.get('error-desc', 'no error')})"
             )
     assert destination.configuration is not None and destination.ram_section_id is not None
     (folder / CONFIGURATION_FILE).write_bytes(destination.configuration.pack())
@@ -186,7 +187,7 @@ def _wait_both(
             progress(info, ours)
         if info.get("status") in ("completed", "failed", "cancelled"):
             return info
-        if ours["status"] in ("failed", "cancelled"):
+        if ours.get("status") in ("failed", "cancelled"):
             # Our side gave up: stop QEMU too, so it does not wait forever.
             qemu.execute("migrate_cancel")
         if time.monotonic() > deadline:
