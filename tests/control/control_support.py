@@ -100,6 +100,24 @@ async def statuses_until(
     return seen
 
 
+async def events_until(
+    client: QMPClient, final: tuple[str, ...], timeout: float = TIMEOUT
+) -> list[str]:
+    """Every event from now until a MIGRATION status in `final`, in order: a
+    MIGRATION event as its status, MIGRATION_PASS as "pass N", others by name."""
+    seen: list[str] = []
+    while not seen or seen[-1] not in final:
+        message = await asyncio.wait_for(client.events.get(), timeout)
+        data = message.get("data", {})
+        if message["event"] == "MIGRATION":
+            seen.append(data["status"])
+        elif message["event"] == "MIGRATION_PASS":
+            seen.append(f"pass {data['pass']}")
+        else:
+            seen.append(message["event"])
+    return seen
+
+
 CAPABILITIES = [
     {"capability": "multifd", "state": True},
     {"capability": "events", "state": True},

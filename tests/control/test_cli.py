@@ -105,7 +105,6 @@ def test_daemons_driven_by_qmp(daemon: DaemonFactory, tmp_path: Path, sock_dir: 
             assert await statuses_until(src, ("completed", "failed")) == [
                 "setup",
                 "active",
-                "device",
                 "completed",
             ]
             assert await statuses_until(dst, ("completed", "failed")) == ["active", "completed"]

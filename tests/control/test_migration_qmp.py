@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 from control_support import (
@@ -14,11 +13,14 @@ from control_support import (
     ask,
     configure,
     connect,
+    events_until,
     next_event,
     run,
     statuses_until,
 )
 from qemu.qmp import ExecuteError
+
+from multifd.channels import socket_address_uri
 
 IN_PROGRESS = "There's a migration process in progress"
 
@@ -32,32 +34,59 @@ def test_migration_over_tcp_with_events_in_order(serve: Callable[..., Served]) -
         try:
             for qmp in (src, dst):
                 await configure(qmp, multifd_channels=3, downtime_limit=500)
+                # As QEMU's before any migration: no status at all.
+                assert await ask(qmp, "query-migrate") == {}
             assert await dst.execute("migrate-incoming", {"uri": "tcp:127.0.0.1:0"}) == {}
+            # Listening, no source yet: QEMU's incoming state is still none.
             incoming = await ask(dst, "query-migrate")
-            assert incoming["status"] == "setup"
-            address = incoming["socket-address"]
-            assert address.startswith("tcp:127.0.0.1:") and not address.endswith(":0")
+            [address] = incoming.pop("socket-address")
+            assert incoming == {}
+            assert address == {
+                "type": "inet",
+                "host": "127.0.0.1",
+                "port": address["port"],
+                "ipv4": True,
+            }
+            assert address["port"].isdigit() and address["port"] != "0"
             assert (await next_event(dst, "MIGRATION"))["data"] == {"status": "setup"}
 
-            assert await src.execute("migrate", {"uri": address}) == {}
-            assert await statuses_until(src, ("completed", "failed")) == [
-                "setup",
+            uri = str(socket_address_uri(address))
+            assert await src.execute("migrate", {"uri": uri}) == {}
+            seen = await events_until(src, ("completed", "failed"))
+            # QEMU 7.2's order: no `device` status (that needs
+            # pause-before-switchover); STOP once the workload stopped, then
+            # the last dirty sync's pass.
+            assert seen[:3] == ["setup", "pass 1", "active"]
+            assert seen[-3:] == ["STOP", f"pass {len(seen) - 4}", "completed"]
+            passes = [int(e.removeprefix("pass ")) for e in seen if e.startswith("pass ")]
+            assert passes == list(range(1, len(passes) + 1)) and len(passes) >= 3
+            assert seen.count("active") == 1 and "device" not in seen
+            assert await events_until(dst, ("completed", "failed")) == [
                 "active",
-                "device",
+                "RESUME",
                 "completed",
             ]
-            assert await statuses_until(dst, ("completed", "failed")) == ["active", "completed"]
 
             info = await ask(src, "query-migrate")
             assert info["status"] == "completed"
+            assert {k for k in info if not k.startswith("x-")} == {
+                "status",
+                "setup-time",
+                "total-time",
+                "downtime",
+                "ram",
+            }
             ram = info["ram"]
             assert ram["total"] == source.block.used_length
             assert ram["remaining"] == 0
             assert ram["normal"] + ram["duplicate"] >= source.block.pages
             assert ram["dirty-sync-count"] >= 2
             assert len(info["x-multifd-channels"]) == 3
-            assert "downtime" in info
-            assert (await ask(dst, "query-migrate"))["status"] == "completed"
+            # The listener is gone: only the status, and our own figures.
+            done = await ask(dst, "query-migrate")
+            assert {k for k in done if not k.startswith("x-")} == {"status"}
+            assert done["status"] == "completed"
+            assert done["x-ram"]["total"] == destination.block.used_length
             assert await src.execute("query-status") == {
                 "status": "postmigrate",
                 "running": False,
@@ -86,15 +115,9 @@ def test_passes_are_announced_when_events_are_on(serve: Callable[..., Served]) -
             destination.destination.set_capabilities({"multifd": True})
             uri = destination.destination.incoming("tcp:127.0.0.1:0")
             await src.execute("migrate", {"uri": uri})
-            passes: list[int] = []
-            while True:
-                message = await src.events.get()
-                data: Any = message["data"]
-                if message["event"] == "MIGRATION_PASS":
-                    passes.append(data["pass"])
-                elif data["status"] in ("completed", "failed"):
-                    assert data["status"] == "completed"
-                    break
+            seen = await events_until(src, ("completed", "failed"))
+            assert seen[-1] == "completed"
+            passes = [int(e.removeprefix("pass ")) for e in seen if e.startswith("pass ")]
             assert passes == list(range(1, len(passes) + 1))
         finally:
             await src.disconnect()
@@ -271,8 +294,8 @@ def test_return_path_over_qmp(serve: Callable[..., Served]) -> None:
             listed = await ask(src, "query-migrate-capabilities")
             assert {"capability": "return-path", "state": True} in listed
             await dst.execute("migrate-incoming", {"uri": "tcp:127.0.0.1:0"})
-            address = (await ask(dst, "query-migrate"))["socket-address"]
-            await src.execute("migrate", {"uri": address})
+            [address] = (await ask(dst, "query-migrate"))["socket-address"]
+            await src.execute("migrate", {"uri": str(socket_address_uri(address))})
             assert (await statuses_until(src, ("completed", "failed")))[-1] == "completed"
             info = await ask(src, "query-migrate")
             assert info["x-return-path"] == {"pongs": [1], "shut": 0}
@@ -311,6 +334,50 @@ def test_a_completed_migration_is_not_started_again(
                 assert refused.value.error_class == "GenericError"
                 assert str(refused.value) == message
                 assert (await ask(qmp, "query-migrate"))["status"] == "completed"
+        finally:
+            await src.disconnect()
+            await dst.disconnect()
+
+    run(scenario())
+    assert destination.block.sha256() == source.block.sha256()
+
+
+@pytest.mark.parametrize("bad", ["tcp:127.0.0.1", "foo:bar", "", "unix:", "fd:name"])
+def test_refused_uri_fails_a_source_and_leaves_a_destination_as_it_was(
+    serve: Callable[..., Served], sock_dir: Path, bad: str
+) -> None:
+    """As QEMU 7.2's source: the error, MIGRATION setup then failed, status
+    failed with the error, and another migrate works at once. A destination
+    refuses and stays as it was (QEMU's stays none, with a setup event that
+    nothing follows; we send none), ready for a good URI."""
+    source, destination = serve("source", seed=7), serve("destination")
+    uri = f"unix:{sock_dir / 'migration.sock'}"
+
+    async def scenario() -> None:
+        src = await connect(source.path, name="src")
+        dst = await connect(destination.path, name="dst")
+        try:
+            for qmp in (src, dst):
+                await configure(qmp, multifd_channels=2)
+            with pytest.raises(ExecuteError) as refused:
+                await src.execute("migrate", {"uri": bad})
+            assert refused.value.error_class == "GenericError"
+            assert await events_until(src, ("failed",)) == ["setup", "failed"]
+            assert await ask(src, "query-migrate") == {
+                "status": "failed",
+                "error-desc": refused.value.error.error.desc,
+            }
+
+            with pytest.raises(ExecuteError):
+                await dst.execute("migrate-incoming", {"uri": bad})
+            assert await ask(dst, "query-migrate") == {}
+            assert dst.events.empty()
+            await dst.execute("migrate-incoming", {"uri": uri})
+            assert await ask(dst, "query-migrate") == {
+                "socket-address": [{"type": "unix", "path": uri.removeprefix("unix:")}]
+            }
+            await src.execute("migrate", {"uri": uri})
+            assert (await statuses_until(src, ("completed", "failed")))[-1] == "completed"
         finally:
             await src.disconnect()
             await dst.disconnect()

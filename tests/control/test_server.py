@@ -112,7 +112,8 @@ def test_greeting_negotiation_and_the_command_list(serve: Callable[..., Served])
                 "running": True,
                 "singlestep": False,
             }
-            assert await qmp.execute("query-migrate") == {"status": "none"}
+            # QEMU's answer before any migration: no status at all.
+            assert await qmp.execute("query-migrate") == {}
         finally:
             await qmp.disconnect()
 
@@ -535,7 +536,7 @@ def test_clients_that_vanish_do_not_disturb_a_migration(
             statuses: list[str] = []
             while not statuses or statuses[-1] != "completed":
                 statuses.append((await next_event(watcher, "MIGRATION"))["data"]["status"])
-            assert statuses == ["active", "device", "completed"]
+            assert statuses == ["active", "completed"]
         finally:
             await watcher.disconnect()
 

@@ -116,8 +116,9 @@ class Migration:
         self.uri: str | None = None  # the address bound by the first incoming()
 
         # What the application saw.
-        self.source_events: list[tuple[str, dict[str, Any]]] = []
-        self.dst_events: list[tuple[str, dict[str, Any]]] = []
+        # STOP and RESUME carry no data: None.
+        self.source_events: list[tuple[str, dict[str, Any] | None]] = []
+        self.dst_events: list[tuple[str, dict[str, Any] | None]] = []
         self.stops = 0
         self.source_resumes = 0
         self.throttles: list[int] = []
@@ -226,7 +227,7 @@ class Migration:
 
     def statuses(self, side: str = "source") -> list[str]:
         events = self.source_events if side == "source" else self.dst_events
-        return [data["status"] for name, data in events if name == "MIGRATION"]
+        return [data["status"] for name, data in events if name == "MIGRATION" and data]
 
     # -- callbacks ----------------------------------------------------------------
 
@@ -254,15 +255,15 @@ class Migration:
         if self.workload is not None:
             self.workload.throttle(percent)
 
-    def _on_source_event(self, name: str, data: dict[str, Any]) -> None:
-        self.source_events.append((name, dict(data)))
+    def _on_source_event(self, name: str, data: dict[str, Any] | None) -> None:
+        self.source_events.append((name, None if data is None else dict(data)))
         if name == "MIGRATION_PASS" and self.on_pass is not None:
             self.on_pass(data["pass"])
         elif name == "MIGRATION" and self.on_status is not None:
             self.on_status(data["status"])
 
-    def _on_dst_event(self, name: str, data: dict[str, Any]) -> None:
-        self.dst_events.append((name, dict(data)))
+    def _on_dst_event(self, name: str, data: dict[str, Any] | None) -> None:
+        self.dst_events.append((name, None if data is None else dict(data)))
         if name == "MIGRATION" and self.dst_on_status is not None:
             self.dst_on_status(data["status"])
 

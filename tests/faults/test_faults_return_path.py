@@ -106,8 +106,9 @@ def test_destination_killed_before_shut(
     m.workload.start()
     m.source.migrate(uri)
     assert destination_process.stdout.readline().strip() == "resumed"
-    # The source has sent everything and waits for the verdict.
-    assert m.source.query()["status"] == "device"
+    # The source has sent everything and waits for the verdict, its workload
+    # stopped; the status stays active (no `device` without pause-before-switchover).
+    assert m.source.query()["status"] == "active" and m.source.stopped
     destination_process.kill()
     src = m.source.wait(FINISH_TIMEOUT)
     assert src["status"] == "failed", src
