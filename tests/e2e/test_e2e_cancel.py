@@ -58,7 +58,7 @@ def test_cancel_as_setup_begins(migration: Callable[..., Migration], transport: 
     src = m.source.wait(FINISH_TIMEOUT)
     assert src["status"] == "cancelled", src
     assert source_threads() == []
-    assert m.destination.query()["status"] == "setup"
+    assert m.destination.state.status.value == "setup"
     assert m.stops == m.source_resumes == 0
     m.clear_hooks()
     m.assert_completed(listen=False)
@@ -202,7 +202,7 @@ def test_destination_cancel_mid_round(migration: Callable[..., Migration], trans
     )
     m.start()
     wait_until(
-        lambda: m.destination.query().get("ram", {}).get("transferred", 0) > 2 * MiB,
+        lambda: m.destination.query().get("x-ram", {}).get("transferred", 0) > 2 * MiB,
         what="part of round 1 received",
     )
     m.destination.cancel()
@@ -224,7 +224,7 @@ def test_destination_cancel_while_waiting_for_channels(
     """Before any source connects: the listener goes, the port is free at once."""
     m = migration(parameters={"multifd-channels": 4})
     m.uri = m.destination.incoming(m.listen_uri)
-    assert m.destination.query()["status"] == "setup"
+    assert m.destination.state.status.value == "setup"
     m.destination.cancel()
     assert m.destination.query()["status"] == "cancelled"
     m.assert_completed()

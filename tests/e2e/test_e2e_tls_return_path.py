@@ -85,7 +85,7 @@ def test_tls_with_return_path_a_destination_cancel_reaches_the_source(
     )
     m.start()
     wait_until(
-        lambda: m.destination.query().get("ram", {}).get("transferred", 0) > 2 * MiB,
+        lambda: m.destination.query().get("x-ram", {}).get("transferred", 0) > 2 * MiB,
         what="part of round 1 received",
     )
     m.destination.cancel()

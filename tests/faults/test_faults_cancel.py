@@ -36,7 +36,7 @@ def test_cancel_in_random_states_many_times(migration: Callable[..., Migration])
         time.sleep(rng.choice((0.0, 0.0005, 0.002, 0.01, 0.03)))
         (m.source if rng.random() < 0.7 else m.destination).cancel()
         src = m.source.wait(FINISH_TIMEOUT)
-        if m.destination.query()["status"] == "setup":
+        if m.destination.state.status.value == "setup":
             # The source was cancelled before its channels were all in: the
             # destination rightly waits for a source; the application cancels.
             m.destination.cancel()

@@ -176,7 +176,7 @@ def test_hostile_connections_while_waiting_then_a_real_migration(
     assert max(flood) < 0.5, f"a connect took {max(flood):.2f} s"
     assert_each_refused(caplog, h.peers)
     # Still waiting for its source, as if nothing had happened.
-    assert m.destination.query()["status"] == "setup"
+    assert m.destination.state.status.value == "setup"
     assert m.destination._listener is not None
     assert not m.destination._listener.has_any_channel()
     assert m.destination._listener.mismatches == []
@@ -333,7 +333,7 @@ def test_a_flood_of_silent_peers_holds_at_most_the_cap_then_a_source_completes(
     for sock, message in zip(evicted, logged, strict=True):
         assert f"from 127.0.0.1:{sock.getsockname()[1]}: " in message, message
         assert f"{MAX_PENDING_HANDSHAKES} {EVICTED} (the oldest silent one" in message
-    assert m.destination.query()["status"] == "setup"
+    assert m.destination.state.status.value == "setup"
 
     started = time.monotonic()
     m.assert_completed(listen=False)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 
 import numpy as np
@@ -109,15 +110,18 @@ def test_destination_killed_before_shut(
     # The source has sent everything and waits for the verdict, its workload
     # stopped; the status stays active (no `device` without pause-before-switchover).
     assert m.source.query()["status"] == "active" and m.source.stopped
+    killed = time.monotonic()
     destination_process.kill()
     src = m.source.wait(FINISH_TIMEOUT)
+    # Not the I/O timeout: the close is news at once. (A failed migration's
+    # query-migrate has no total-time, as QEMU's.)
+    assert time.monotonic() - killed < 10
     assert src["status"] == "failed", src
     assert src["error-desc"] in (
         "the destination closed the return path without reporting its result (no SHUT)",
         "the return path from the destination broke: main channel: read failed at stream "
         "offset 0x8: [Errno 104] Connection reset by peer",
     ), src
-    assert src["total-time"] < 10_000  # not the I/O timeout: the close is news at once
     assert m.stops == m.source_resumes == 1
     assert not m.workload.paused
     m.assert_completed()
