@@ -3,6 +3,7 @@ events in order, queries on both sides, refusals while running, cancel and resta
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -15,12 +16,16 @@ from control_support import (
     connect,
     events_until,
     next_event,
+    random_fill,
     run,
     statuses_until,
 )
 from qemu.qmp import ExecuteError
 
 from multifd.channels import socket_address_uri
+from multifd.control import MigrationCommands, QMPServer
+from multifd.memory import RAMBlock
+from multifd.migration.source import MigrationSource
 
 IN_PROGRESS = "There's a migration process in progress"
 
@@ -384,3 +389,64 @@ def test_refused_uri_fails_a_source_and_leaves_a_destination_as_it_was(
 
     run(scenario())
     assert destination.block.sha256() == source.block.sha256()
+
+
+def test_switchover_is_active_with_the_workload_stopped(
+    serve: Callable[..., Served], sock_dir: Path
+) -> None:
+    """While the source's workload is stopped the status stays active and
+    query-status says finish-migrate, as QEMU 7.2's without
+    pause-before-switchover. A switchover that fails restarts the workload:
+    MIGRATION failed, then RESUME (QEMU's vm_start), and query-status running."""
+    destination = serve("destination")
+    block = RAMBlock.anonymous("pc.ram", destination.block.used_length)
+    random_fill(block, 9)
+    release = threading.Event()
+    outcomes = iter([b"state", RuntimeError("the application could not save")])
+
+    def save_state() -> bytes:
+        assert release.wait(TIMEOUT)
+        outcome = next(outcomes)
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    source = MigrationSource([block], save_state=save_state)
+    server = QMPServer(str(sock_dir / "held.qmp"), MigrationCommands(source))
+    server.start()
+    uri = f"unix:{sock_dir / 'migration.sock'}"
+
+    async def scenario() -> None:
+        src = await connect(sock_dir / "held.qmp", name="src")
+        dst = await connect(destination.path, name="dst")
+        try:
+            for qmp in (src, dst):
+                await configure(qmp)
+            for expected in ("completed", "failed"):
+                release.clear()
+                await dst.execute("migrate-incoming", {"uri": uri})
+                await src.execute("migrate", {"uri": uri})
+                assert (await events_until(src, ("STOP",)))[-1] == "STOP"
+                assert (await ask(src, "query-migrate"))["status"] == "active"
+                assert (await ask(src, "query-status"))["status"] == "finish-migrate"
+                release.set()
+                seen = await events_until(src, ("completed", "failed"))
+                assert seen[-1] == expected and "device" not in seen
+                if expected == "failed":
+                    assert await next_event(src, "RESUME", 1.0)
+                    assert (await ask(src, "query-status"))["status"] == "running"
+                    assert "could not save" in (await ask(src, "query-migrate"))["error-desc"]
+                else:
+                    assert (await ask(src, "query-status"))["status"] == "postmigrate"
+                    assert src.events.empty()  # no RESUME after a completed migration
+        finally:
+            await src.disconnect()
+            await dst.disconnect()
+
+    try:
+        run(scenario())
+    finally:
+        server.close()
+        source.cancel()
+        source.wait()
+        block.close()
