@@ -23,6 +23,7 @@ from ..channels import (
     ExecURI,
     FileURI,
     MigrationURI,
+    TLSConfig,
     URIError,
     check_multifd,
     connect_channels,
@@ -170,7 +171,7 @@ class MigrationSource(Endpoint):
         )
         self._thread.start()
 
-    def _prepare(self, uri: str) -> tuple[MigrationURI, MigrationSettings, Any]:
+    def _prepare(self, uri: str) -> tuple[MigrationURI, MigrationSettings, TLSConfig | None]:
         """The target, a copy of the settings and the TLS configuration, or why
         this URI cannot be migrated to with these settings."""
         target = parse_uri(uri)
