@@ -402,7 +402,7 @@ def test_switchover_is_active_with_the_workload_stopped(
     block = RAMBlock.anonymous("pc.ram", destination.block.used_length)
     random_fill(block, 9)
     release = threading.Event()
-    outcomes = iter([b"state", RuntimeError("the application could not save")])
+    outcomes = iter([RuntimeError("the application could not save"), b"state"])
 
     def save_state() -> bytes:
         assert release.wait(TIMEOUT)
@@ -422,7 +422,8 @@ def test_switchover_is_active_with_the_workload_stopped(
         try:
             for qmp in (src, dst):
                 await configure(qmp)
-            for expected in ("completed", "failed"):
+            # Failed first: after a completed one neither end takes another.
+            for expected in ("failed", "completed"):
                 release.clear()
                 await dst.execute("migrate-incoming", {"uri": uri})
                 await src.execute("migrate", {"uri": uri})
@@ -439,6 +440,7 @@ def test_switchover_is_active_with_the_workload_stopped(
                 else:
                     assert (await ask(src, "query-status"))["status"] == "postmigrate"
                     assert src.events.empty()  # no RESUME after a completed migration
+                assert (await statuses_until(dst, ("completed", "failed")))[-1] == expected
         finally:
             await src.disconnect()
             await dst.disconnect()
