@@ -340,6 +340,15 @@ class Channel:
 
     # ---- writing ---------------------------------------------------------------
 
+    def writable(self) -> bool:
+        """Whether a short write would go out now, without waiting: the stream
+        has room (poll, no timeout). False once closed."""
+        if self._closed:
+            return False
+        poller = select.poll()
+        poller.register(self._fd, select.POLLOUT)
+        return bool(poller.poll(0))
+
     def write_all(self, data: Buffer) -> int:
         """Write all of `data`; returns its length."""
         return self.writev_all([data])

@@ -171,7 +171,9 @@ class MigrationDestination(Endpoint):
             self._cancel.set()
             self.state.set(MigrationStatus.CANCELLING)
             if self._return_path is not None:
-                self._return_path.shut(SHUT_FAILED, "cancelled at the destination")
+                # Only if that takes no waiting: a source that does not read its
+                # return path must not hold up a cancel (nor could it hear it).
+                self._return_path.shut_now(SHUT_FAILED, "cancelled at the destination")
             self._wake()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join()
@@ -256,9 +258,13 @@ class MigrationDestination(Endpoint):
             return
         if self.state.fail(message):
             with self._lock:
-                # Before waking: the sockets cannot carry the SHUT once shut down.
-                if self._return_path is not None:
-                    self._return_path.shut(SHUT_FAILED, message)
+                return_path = self._return_path
+            # Before waking: the sockets cannot carry the SHUT once shut down.
+            # Not under the lock: the SHUT may wait for a PONG being written to a
+            # source that reads slowly, and cancel() must not wait for that.
+            if return_path is not None:
+                return_path.shut(SHUT_FAILED, message)
+            with self._lock:
                 self._wake()
 
     def _run(self, settings: MigrationSettings, listener: Listener) -> None:
@@ -310,14 +316,18 @@ class MigrationDestination(Endpoint):
     def _load(self, settings: MigrationSettings, connections: Connections) -> None:
         profile = PROFILES[settings.parameter("x-stream-profile")]
         io_timeout = settings.parameter("x-io-timeout") or None
-        for channel in connections.all:
-            channel.timeout = io_timeout
+        connections.main.timeout = io_timeout
+        # A multifd channel owes nothing between syncs: x-io-timeout bounds the
+        # wait for its SYNC instead (see multifd_recv.py).
+        for channel in connections.multifd:
+            channel.timeout = None
         if connections.multifd:
             receiver = MultifdReceiver(
                 connections.multifd,
                 compression=Compression(settings.parameter("multifd-compression")),
                 layout=PacketLayout.V9_0 if profile.zero_pages_in_packets else PacketLayout.V7_2,
                 on_error=self._fail,
+                io_timeout=io_timeout,
             )
             with self._lock:
                 self._receiver = receiver
@@ -389,7 +399,10 @@ class MigrationDestination(Endpoint):
         if decoder.state.name != "DONE":
             raise WireError("main stream ended before QEMU_VM_EOF", where=decoder.reader.where)
         self._check_channels()
-        # Every page has landed (the last EOS synced every channel): resume.
+        # Every page has landed (the last sync let every channel past its SYNC)
+        # unless a channel still held some: stop the threads and check, then resume.
+        if self._receiver is not None:
+            self._receiver.finish(unmatched_sync=bool(round_mode))
         with self._lock:
             receiver, self._receiver = self._receiver, None
         if receiver is not None:

@@ -5,6 +5,13 @@ recvmsg into an iovec table of the pages and the next header, see
 channels/iovec.py; or decompress and scatter). At a SYNC packet it
 stops until the migration thread, at the matching EOS or MULTIFD_FLUSH, has
 seen every channel reach its SYNC (QEMU's multifd_recv_sync_main).
+
+A channel owes nothing between syncs (a real source leaves it idle while the
+main stream carries device state, say), so its reads have no timeout of their
+own: x-io-timeout bounds how long the migration thread waits at a sync for a
+channel that makes no progress. After the main stream's last sync a source
+sends nothing more on a channel but closes it: `finish` stops the threads and
+fails a channel that held data past that sync, rather than resume without it.
 """
 
 from __future__ import annotations
@@ -47,6 +54,20 @@ class _RecvChannel:
         self.synced = 0  # SYNC packets reached
         self.released = 0  # syncs the migration thread has let past
         self.ended = False  # the peer closed the stream at a packet boundary
+        self.stopped = False  # the thread has left its loop
+        # perf_counter_ns when its last packet was complete: the progress a
+        # sync's deadline counts from.
+        self.progress_ns = 0
+        # The migration thread gave up waiting for its SYNC and shut it down.
+        self.overdue = False
+        # Shut down as overdue with its pages in: what was missing is the next
+        # packet's header.
+        self.next_header_missing = False
+        # Pages written (9.0's zero pages included) when the last sync let it
+        # past, and whether it stopped inside a packet: data after that sync.
+        self.zero_pages = 0
+        self.pages_released = 0
+        self.cut_short = False
         # First pages of this segment's packets and last pages of its full ones:
         # (packet_num, block, offset), to count QEMU 7.2's repeats (see `sync`).
         self.heads: list[tuple[int, str, int]] = []
@@ -81,8 +102,12 @@ class MultifdReceiver:
         compression: Compression,
         layout: PacketLayout = PacketLayout.V7_2,
         on_error: Callable[[str], None],
+        io_timeout: float | None = None,
     ) -> None:
+        """`io_timeout`: how long `sync` waits for a channel that makes no
+        progress (None: as long as it takes)."""
         self._cond = threading.Condition()
+        self._io_timeout = io_timeout
         self._aborted = False
         self._finishing = False
         self._compression = compression
@@ -123,6 +148,7 @@ class MultifdReceiver:
         """Wait until every channel has reached its next SYNC, then release them."""
         with self._cond:
             target = self.channels[0].released + 1 if self.channels else 0
+            since = time.perf_counter_ns()
             while True:
                 if self._aborted:
                     raise MigrationAborted
@@ -139,12 +165,85 @@ class MultifdReceiver:
                     raise MigrationAborted
                 if all(rc.synced >= target for rc in self.channels):
                     break
-                self._cond.wait()
+                due = self._next_due(target, since)
+                if due is None:
+                    self._cond.wait()
+                    continue
+                rc, due_ns = due
+                wait_ns = due_ns - time.perf_counter_ns()
+                if wait_ns <= 0:
+                    self._overdue(rc, target, label)
+                self._cond.wait(wait_ns / 1e9)
             self.repeated += self._count_repeats()
             self._note_written()
             for rc in self.channels:
                 rc.released = target
+                rc.pages_released = rc.stats.pages + rc.zero_pages
             self._cond.notify_all()
+
+    def _next_due(self, target: int, since: int) -> tuple[_RecvChannel, int] | None:
+        """The channel whose SYNC is due first, and when (perf_counter_ns):
+        x-io-timeout after its last complete packet, or after `since` (when
+        the wait began) if that is later. Called with the condition held."""
+        if self._io_timeout is None:
+            return None
+        timeout_ns = int(self._io_timeout * 1e9)
+        due = [
+            (max(since, rc.progress_ns) + timeout_ns, rc)
+            for rc in self.channels
+            if rc.synced < target
+        ]
+        due_ns, rc = min(due, key=lambda item: item[0])
+        return rc, due_ns
+
+    def _overdue(self, rc: _RecvChannel, target: int, label: str) -> None:
+        """Fail `rc`, whose SYNC did not come in time: shut it down and wait for
+        its thread to stop (its read returns at once), so that the message says
+        exactly how far the channel got. Called with the condition held."""
+        rc.overdue = True
+        rc.channel.shutdown()
+        while not rc.stopped and rc.synced < target and not self._aborted:
+            self._cond.wait()
+        if self._aborted:
+            raise MigrationAborted  # another failure came first and was reported
+        packet = rc.stats.packets + rc.next_header_missing
+        message = (
+            f"channel {rc.stats.id}: packet {packet}: no SYNC for {label} within "
+            f"{self._io_timeout:g} s (x-io-timeout); received up to stream offset "
+            f"{rc.channel.bytes_read:#x}"
+        )
+        rc.stats.error = message
+        self._aborted = True
+        self._cond.notify_all()
+        self._on_error(message)
+        raise MigrationAborted
+
+    def finish(self, *, unmatched_sync: bool) -> None:
+        """After the main stream's last sync: stop every thread, then fail if a
+        channel held data past that sync (pages it wrote since, a packet it was
+        inside, a SYNC the main stream never asked for), since that data
+        belonged to a segment the main stream has already closed. A look that
+        does not wait: what the peer has not sent yet is not seen. `unmatched_sync`:
+        one SYNC too many is QEMU 9.1/9.2's at completion (spec 2.4)."""
+        self._stop()
+        allowed = 1 if unmatched_sync else 0
+        for rc in self.channels:
+            extra_syncs = rc.synced - rc.released
+            extra_pages = rc.stats.pages + rc.zero_pages - rc.pages_released
+            if not (rc.cut_short or extra_pages or extra_syncs > allowed):
+                continue
+            found = []
+            if extra_syncs:
+                found.append(f"{extra_syncs} SYNC packet(s) more")
+            if extra_pages:
+                found.append(f"{extra_pages} page(s)")
+            if rc.cut_short:
+                found.append(f"a packet cut short at stream offset {rc.channel.bytes_read:#x}")
+            raise WireError(
+                f"data after its last SYNC (the main stream asked for {rc.released}): "
+                + ", ".join(found),
+                where=Where(channel=rc.stats.id),
+            )
 
     def abort(self) -> None:
         with self._cond:
@@ -154,17 +253,26 @@ class MultifdReceiver:
             rc.channel.shutdown()
 
     def close(self, *, reset: bool = False) -> None:
-        """Stop and join every thread (a thread reading the next header gets EOF
-        once its channel is shut down), then close every channel; `reset` when
-        the migration is abandoned (see `Channel.close`)."""
+        """Stop every thread (if `finish` did not), then close every channel;
+        `reset` when the migration is abandoned (see `Channel.close`)."""
+        self.abort()  # a thread parked at a SYNC leaves at once
+        self._stop()
+        for rc in self.channels:
+            rc.channel.close(reset=reset)
+
+    def _stop(self) -> None:
+        """Shut every channel down and join its thread. A shut-down socket still
+        gives what is queued in it: a thread reads that (past a SYNC it was
+        parked at, unless the migration was aborted), then stops between
+        packets, or inside one (`cut_short`)."""
         with self._cond:
             self._finishing = True
-        self.abort()
+            self._cond.notify_all()
+        for rc in self.channels:
+            rc.channel.shutdown()
         for rc in self.channels:
             if rc.thread is not None:
                 rc.thread.join()
-        for rc in self.channels:
-            rc.channel.close(reset=reset)
 
     def _count_repeats(self) -> int:
         """QEMU 7.2 sources send the last page of a full packet again at the head
@@ -209,11 +317,21 @@ class MultifdReceiver:
 
     def _run(self, rc: _RecvChannel) -> None:
         try:
+            self._receive(rc)
+        finally:
+            with self._cond:
+                rc.stopped = True
+                self._cond.notify_all()
+
+    def _receive(self, rc: _RecvChannel) -> None:
+        try:
             while self._receive_one(rc):
                 pass
         except Exception as exc:
             with self._cond:
-                quiet = self._finishing or self._aborted
+                rc.cut_short = self._finishing
+                # sync() reports an overdue channel, with what it had read.
+                quiet = self._finishing or self._aborted or rc.overdue
             if quiet:
                 return
             if isinstance(exc, WireError):
@@ -244,6 +362,10 @@ class MultifdReceiver:
                 if exc.missing != exc.wanted:
                     raise
                 rc.ended_after_pages = True
+            except ChannelError:
+                if self._finishing and channel.bytes_read == start:
+                    return False  # stopped between packets, as a source leaves it
+                raise
             if rc.ended_after_pages:  # the peer closed the stream at a packet boundary
                 with self._cond:
                     rc.ended = True
@@ -254,7 +376,9 @@ class MultifdReceiver:
             rc.stats.packets += 1
             end = channel.bytes_read - (PACKET_HEADER_SIZE if rc.header_ready else 0)
             rc.stats.bytes += end - start
-            rc.stats.busy_ns += time.perf_counter_ns() - started
+            now = time.perf_counter_ns()
+            rc.stats.busy_ns += now - started
+            rc.progress_ns = now
             return True
         where = Where(channel=rc.stats.id, packet=rc.stats.packets, offset=start)
         packet = MultiFDPacket.unpack(header, layout=self._layout, where=where)
@@ -270,13 +394,17 @@ class MultifdReceiver:
         rc.stats.packets += 1
         end = channel.bytes_read - (PACKET_HEADER_SIZE if rc.header_ready else 0)
         rc.stats.bytes += end - start
-        rc.stats.busy_ns += time.perf_counter_ns() - started
+        now = time.perf_counter_ns()
+        rc.stats.busy_ns += now - started
+        rc.progress_ns = now
         if packet.is_sync:
             rc.stats.sync_packets += 1
             with self._cond:
                 rc.synced += 1
                 self._cond.notify_all()
-                while rc.released < rc.synced and not self._aborted:
+                # Once finishing, a SYNC past the last sync parks nothing: what
+                # follows it is read, to be found by `finish`.
+                while rc.released < rc.synced and not (self._aborted or self._finishing):
                     self._cond.wait()
                 if self._aborted:
                     return False
@@ -350,13 +478,20 @@ class MultifdReceiver:
         table already."""
         if not appended:
             rc.iov.append(rc.header_address, PACKET_HEADER_SIZE)
+        channel = rc.channel
+        start = channel.bytes_read
+        wanted = rc.iov.total
         try:
-            rc.channel.read_iovec(rc.iov)
+            channel.read_iovec(rc.iov)
         except ChannelEOFError as exc:
             if exc.missing != PACKET_HEADER_SIZE:
                 raise  # pages or the next header cut short
             rc.ended_after_pages = True  # the stream ended right after them
             return
+        except ChannelError:
+            # Shut down (bytes_read is then exact): were the pages all in?
+            rc.next_header_missing = channel.bytes_read - start >= wanted - PACKET_HEADER_SIZE
+            raise
         rc.header_ready = True
 
     def _pages(self, rc: _RecvChannel, packet: MultiFDPacket, where: Where) -> None:
@@ -379,6 +514,7 @@ class MultifdReceiver:
             rc.stats.pages += normal
             self._note_ends(rc, packet, name, data_offsets)
         # 9.0's zero pages: as QEMU, those of fresh memory not written since are left alone.
+        rc.zero_pages += len(zero_offsets)
         for offset in zero_offsets.tolist():
             if self._received.page_may_be_written(name, offset):
                 array[offset : offset + TARGET_PAGE_SIZE] = 0

@@ -148,15 +148,31 @@ class ReturnPathWriter:
         """Send SHUT(status), and the reason after a failure's. Best effort: a
         source that is gone cannot hear it. Only the first call sends."""
         with self._lock:
-            if self._shut_sent:
+            return self._send_shut(status, reason)
+
+    def shut_now(self, status: int, reason: str | None = None) -> bool:
+        """`shut`, but only if it need not wait: not while a PONG is being
+        written, nor into a socket with no room (a source that does not read
+        its return path could hold either for x-io-timeout)."""
+        if not self._lock.acquire(blocking=False):
+            return False
+        try:
+            if not self._channel.writable():
                 return False
-            self._shut_sent = True
-            message = Shut(status).pack()
-            if status != SHUT_OK and reason:
-                message += ShutReason(reason).pack()
-            try:
-                # One write: the reason arrives with the SHUT it explains.
-                self._channel.write_all(message)
-            except (ChannelError, OSError):
-                return False
-            return True
+            return self._send_shut(status, reason)
+        finally:
+            self._lock.release()
+
+    def _send_shut(self, status: int, reason: str | None) -> bool:
+        if self._shut_sent:
+            return False
+        self._shut_sent = True
+        message = Shut(status).pack()
+        if status != SHUT_OK and reason:
+            message += ShutReason(reason).pack()
+        try:
+            # One write: the reason arrives with the SHUT it explains.
+            self._channel.write_all(message)
+        except (ChannelError, OSError):
+            return False
+        return True
