@@ -143,7 +143,7 @@ def test_recorded_migrations_complete(replay: Any, name: str, close: bool) -> No
     r.send([main, *channels], close=close)
     info = r.destination.wait(FINISH_TIMEOUT)
     assert info["status"] == "completed", info
-    assert info["ram"]["normal"] == meta["query_migrate"]["ram"]["normal"]
+    assert info["x-ram"]["normal"] == meta["query_migrate"]["ram"]["normal"]
     assert r.resumed == [True]
 
 
