@@ -8,6 +8,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from e2e_support import (
@@ -18,6 +19,7 @@ from e2e_support import (
     destination_channel,
     sever,
     source_threads,
+    wait_until,
     write_pages,
 )
 
@@ -182,6 +184,39 @@ def test_application_callback_raising(migration: Callable[..., Migration], callb
     assert source_threads() == []
     m.source._throttle = m._throttle
     _migrate_again(m)
+
+
+def test_event_listeners_raising_change_nothing(
+    migration: Callable[..., Migration], caplog: pytest.LogCaptureFixture
+) -> None:
+    """An on_event listener is told, not asked: one that raises on every event
+    is logged, and both ends migrate, cancel and migrate again as without it."""
+    m = migration(parameters={"multifd-channels": 2, "max-bandwidth": 8 * MiB})
+
+    def raising(record: Callable[[str, Any], None]) -> Callable[[str, Any], None]:
+        def listener(name: str, data: Any) -> None:
+            record(name, data)
+            raise RuntimeError(f"listener broken on {name}")
+
+        return listener
+
+    m.source.on_event = raising(m._on_source_event)
+    m.destination.on_event = raising(m._on_dst_event)
+    m.start()
+    wait_until(
+        lambda: m.source.query().get("ram", {}).get("transferred", 0) > MiB,
+        what="part of round 1 sent",
+    )
+    m.source.cancel()
+    src, dst = m.finish()
+    assert src["status"] == "cancelled", src
+    assert dst["status"] == "failed", dst
+    assert m.statuses("source")[-2:] == ["cancelling", "cancelled"]
+    m.source.set_parameters({"max-bandwidth": 0})
+    m.assert_completed()
+    logged = [r.getMessage() for r in caplog.records if r.name == "multifd.migration.endpoint"]
+    assert "the on_event listener raised on MIGRATION {'status': 'setup'}" in logged
+    assert "the on_event listener raised on MIGRATION {'status': 'completed'}" in logged
 
 
 def test_blocks_that_differ_fail_at_the_destination(tmp_path: Path) -> None:

@@ -53,7 +53,7 @@ from ..wire import (
 from ..wire.appstate import APP_STATE_IDSTR, AppState, read_app_state
 from ..wire.verify import VERIFY_IDSTR, VerifySection, read_verify
 from ..wire.xbzrle import apply_xbzrle
-from .endpoint import Endpoint
+from .endpoint import Endpoint, Event
 from .multifd_recv import MultifdReceiver
 from .params import DESTINATION_SETUP_PARAMETERS, MigrationSettings
 from .qemufile import QEMUFileReader
@@ -63,7 +63,6 @@ from .state import MigrationState, MigrationStatus
 from .stats import MigrationAborted, RamStats
 from .tls_settings import tls_config
 
-Event = Callable[[str, dict[str, Any] | None], None]
 # Makes the destination's blocks from the source's block list, when the
 # destination cannot know them in advance (saving a QEMU VM to files).
 BlockProvider = Callable[[Sequence[RamBlockEntry]], Sequence[RAMBlock]]
@@ -241,16 +240,6 @@ class MigrationDestination(Endpoint):
         self.ram_section_id: int | None = None
         self._repeated = 0
         self._verify_stats: dict[str, int] | None = None
-
-    def _status_changed(self, status: MigrationStatus) -> None:
-        if self.settings.capability("events"):
-            self._event("MIGRATION", {"status": status.value})
-
-    def _event(self, name: str, data: dict[str, Any] | None) -> None:
-        # Read once: a QMP server may detach it from another thread.
-        on_event = self.on_event
-        if on_event is not None:
-            on_event(name, data)
 
     def _fail(self, message: str) -> None:
         # After cancel, broken sockets are its consequence, not an error.

@@ -3,11 +3,17 @@ migrations, parameters also during one when the migration reads them as it goes.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import logging
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
 
 from .params import MigrationConfigError, MigrationSettings
-from .state import MigrationState
+from .state import MigrationState, MigrationStatus
+
+log = logging.getLogger(__name__)
+
+# A QMP-style event: its name and data.
+Event = Callable[[str, dict[str, Any] | None], None]
 
 
 class Endpoint:
@@ -15,6 +21,7 @@ class Endpoint:
 
     settings: MigrationSettings
     state: MigrationState
+    on_event: Event | None
     # The parameters this side reads once, as a migration starts.
     setup_parameters: ClassVar[frozenset[str]]
 
@@ -27,6 +34,24 @@ class Endpoint:
         downtime-limit and auto-converge values as it goes."""
         fixed = self.setup_parameters if self.state.status.live else frozenset()
         self.settings.set_parameters(values, fixed)
+
+    def _status_changed(self, status: MigrationStatus) -> None:
+        if self.settings.capability("events"):
+            self._event("MIGRATION", {"status": status.value})
+
+    def _event(self, name: str, data: dict[str, Any] | None) -> None:
+        """Tell the application. A listener that raises is logged and left
+        there: its exception must not stop a status change halfway, which
+        would leave the migration in setup or cancelling for good, and this
+        end unable to start another."""
+        # Read once: a QMP server may detach it from another thread.
+        on_event = self.on_event
+        if on_event is None:
+            return
+        try:
+            on_event(name, data)
+        except Exception:
+            log.exception("the on_event listener raised on %s %s", name, data)
 
     def _refuse_while_running(self) -> None:
         if self.state.status.live:

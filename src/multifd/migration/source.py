@@ -51,7 +51,7 @@ from ..wire.appstate import AppState, vmdescription
 from ..wire.ram import RamFlag, encode_zero_pages
 from ..wire.reader import be64, counted_string
 from ..wire.verify import BlockHashes, VerifySection
-from .endpoint import Endpoint
+from .endpoint import Endpoint, Event
 from .multifd_send import MultifdSender
 from .params import SOURCE_SETUP_PARAMETERS, MigrationConfigError, MigrationSettings
 from .qemufile import QEMUFileWriter
@@ -74,8 +74,6 @@ FIRST_PING = 1
 # A destination that fails sends SHUT before its sockets break; when a write
 # breaks first, this long is given to the return path to tell why.
 VERDICT_GRACE = 1.0
-
-Event = Callable[[str, dict[str, Any] | None], None]
 
 
 class MigrationSource(Endpoint):
@@ -299,16 +297,6 @@ class MigrationSource(Endpoint):
         self._main: QEMUFileWriter | None = None
         self._verified_pages: int | None = None
         self._return_path_info: dict[str, Any] | None = None
-
-    def _status_changed(self, status: MigrationStatus) -> None:
-        if self.settings.capability("events"):
-            self._event("MIGRATION", {"status": status.value})
-
-    def _event(self, name: str, data: dict[str, Any] | None) -> None:
-        # Read once: a QMP server may detach it from another thread.
-        on_event = self.on_event
-        if on_event is not None:
-            on_event(name, data)
 
     def _fail(self, message: str) -> None:
         # After cancel, broken sockets are its consequence, not an error.
