@@ -20,6 +20,7 @@ import struct
 import threading
 import time
 from collections.abc import Callable, Mapping
+from typing import NoReturn
 
 import numpy as np
 
@@ -155,14 +156,11 @@ class MultifdReceiver:
                 ended = [rc for rc in self.channels if rc.ended and rc.synced < target]
                 if ended:
                     rc = ended[0]
-                    message = (
-                        f"channel {rc.stats.id}: peer closed the channel before the SYNC of {label}"
+                    self._fail_channel(
+                        rc,
+                        f"channel {rc.stats.id}: peer closed the channel "
+                        f"before the SYNC of {label}",
                     )
-                    rc.stats.error = message
-                    self._aborted = True
-                    self._cond.notify_all()
-                    self._on_error(message)
-                    raise MigrationAborted
                 if all(rc.synced >= target for rc in self.channels):
                     break
                 due = self._next_due(target, since)
@@ -196,7 +194,7 @@ class MultifdReceiver:
         due_ns, rc = min(due, key=lambda item: item[0])
         return rc, due_ns
 
-    def _overdue(self, rc: _RecvChannel, target: int, label: str) -> None:
+    def _overdue(self, rc: _RecvChannel, target: int, label: str) -> NoReturn:
         """Fail `rc`, whose SYNC did not come in time: shut it down and wait for
         its thread to stop (its read returns at once), so that the message says
         exactly how far the channel got. Called with the condition held."""
@@ -207,11 +205,16 @@ class MultifdReceiver:
         if self._aborted:
             raise MigrationAborted  # another failure came first and was reported
         packet = rc.stats.packets + rc.next_header_missing
-        message = (
+        self._fail_channel(
+            rc,
             f"channel {rc.stats.id}: packet {packet}: no SYNC for {label} within "
             f"{self._io_timeout:g} s (x-io-timeout); received up to stream offset "
-            f"{rc.channel.bytes_read:#x}"
+            f"{rc.channel.bytes_read:#x}",
         )
+
+    def _fail_channel(self, rc: _RecvChannel, message: str) -> NoReturn:
+        """The migration thread, in `sync`, fails the migration because of
+        `rc`. Called with the condition held."""
         rc.stats.error = message
         self._aborted = True
         self._cond.notify_all()
