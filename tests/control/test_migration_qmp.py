@@ -312,19 +312,25 @@ def test_return_path_over_qmp(serve: Callable[..., Served]) -> None:
     assert destination.block.sha256() == source.block.sha256()
 
 
-def test_a_completed_migration_is_not_started_again(
+def test_a_completed_migration_is_not_started_again_until_cont(
     serve: Callable[..., Served], sock_dir: Path
 ) -> None:
     """As QEMU in postmigrate: the workload was handed over, so neither end
-    takes a second migration of it."""
+    takes a second migration of it; `cont` on the source runs the workload
+    there again (on_resume, then RESUME), and then it may migrate again.
+    `cont` on a running destination has nothing to do."""
     source, destination = serve("source", seed=7), serve("destination")
+    second = serve("destination")
+    resumed: list[str] = []
+    source.source._on_resume = lambda: resumed.append("resumed")
     uri = f"unix:{sock_dir / 'again.sock'}"
 
     async def scenario() -> None:
         src = await connect(source.path, name="src")
         dst = await connect(destination.path, name="dst")
+        dst2 = await connect(second.path, name="dst2")
         try:
-            for qmp in (src, dst):
+            for qmp in (src, dst, dst2):
                 await configure(qmp)
             await dst.execute("migrate-incoming", {"uri": uri})
             await src.execute("migrate", {"uri": uri})
@@ -339,12 +345,29 @@ def test_a_completed_migration_is_not_started_again(
                 assert refused.value.error_class == "GenericError"
                 assert str(refused.value) == message
                 assert (await ask(qmp, "query-migrate"))["status"] == "completed"
+
+            assert await dst.execute("cont") == {}
+            assert (await ask(dst, "query-status"))["status"] == "running"
+            assert await src.execute("cont") == {}
+            assert await next_event(src, "RESUME")
+            assert resumed == ["resumed"]
+            assert (await ask(src, "query-status"))["status"] == "running"
+            assert await src.execute("cont") == {}  # running already: nothing to do
+            assert resumed == ["resumed"]
+
+            again = f"unix:{sock_dir / 'again2.sock'}"
+            await dst2.execute("migrate-incoming", {"uri": again})
+            await src.execute("migrate", {"uri": again})
+            assert (await statuses_until(src, ("completed", "failed")))[-1] == "completed"
+            assert (await statuses_until(dst2, ("completed", "failed")))[-1] == "completed"
         finally:
             await src.disconnect()
             await dst.disconnect()
+            await dst2.disconnect()
 
     run(scenario())
     assert destination.block.sha256() == source.block.sha256()
+    assert second.block.sha256() == source.block.sha256()
 
 
 @pytest.mark.parametrize("bad", ["tcp:127.0.0.1", "foo:bar", "", "unix:", "fd:name"])
@@ -430,6 +453,8 @@ def test_switchover_is_active_with_the_workload_stopped(
                 assert (await events_until(src, ("STOP",)))[-1] == "STOP"
                 assert (await ask(src, "query-migrate"))["status"] == "active"
                 assert (await ask(src, "query-status"))["status"] == "finish-migrate"
+                with pytest.raises(ExecuteError, match="stopped for the switchover"):
+                    await src.execute("cont")
                 release.set()
                 seen = await events_until(src, ("completed", "failed"))
                 assert seen[-1] == expected and "device" not in seen

@@ -32,6 +32,7 @@ COMMANDS = [
     "migrate-set-parameters",
     "query-migrate-parameters",
     "query-status",
+    "cont",
     "query-version",
     "query-commands",
     "quit",

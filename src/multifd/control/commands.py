@@ -83,6 +83,7 @@ class MigrationCommands:
             "migrate-set-parameters": (self._set_parameters, None),
             "query-migrate-parameters": (lambda _: self.endpoint.settings.query_parameters(), {}),
             "query-status": (self._query_status, {}),
+            "cont": (self._cont, {}),
             "query-version": (lambda _: self.version(), {}),
             "query-commands": (self._query_commands, {}),
             "quit": (self._quit, {}),
@@ -143,8 +144,9 @@ class MigrationCommands:
             raise QMPError("Block migration (blk, inc) is not supported: only RAM blocks migrate")
         if arguments.get("resume"):
             raise QMPError("Postcopy recovery (resume) is not supported")
-        if self.endpoint.state.status is MigrationStatus.COMPLETED:
-            # The workload was handed over: a second copy of it would be stale.
+        if self.endpoint.state.status is MigrationStatus.COMPLETED and self.endpoint.stopped:
+            # The workload was handed over: a second copy of it would be stale
+            # (after `cont` it runs here again, and may go once more).
             raise QMPError("Can't migrate the vm that was paused due to previous migration")
         self.endpoint.migrate(arguments["uri"])
         return {}
@@ -184,14 +186,24 @@ class MigrationCommands:
         if isinstance(self.endpoint, MigrationDestination):
             # The workload lives here only once everything has landed.
             run_state = "running" if status is MigrationStatus.COMPLETED else "inmigrate"
+        elif not self.endpoint.stopped:
+            run_state = "running"
         elif status is MigrationStatus.COMPLETED:
             run_state = "postmigrate"
-        elif self.endpoint.stopped:
+        else:
             # Stopped for the switchover; the migration status stays active.
             run_state = "finish-migrate"
-        else:
-            run_state = "running"
         return {"status": run_state, "running": run_state == "running", "singlestep": False}
+
+    def _cont(self, _: dict[str, Any]) -> dict[str, Any]:
+        """QEMU's `cont`. A destination runs what it received as soon as it
+        has it (QEMU's autostart), so there, as for anything already running,
+        it has nothing to do."""
+        if isinstance(self.endpoint, MigrationSource) and self.endpoint.stopped:
+            if self.endpoint.state.status is not MigrationStatus.COMPLETED:
+                raise QMPError("The workload is stopped for the switchover of a running migration")
+            self.endpoint.resume()
+        return {}
 
     def _query_commands(self, _: dict[str, Any]) -> list[dict[str, str]]:
         return [{"name": name} for name in self.names]

@@ -272,8 +272,22 @@ class MigrationSource(Endpoint):
     @property
     def stopped(self) -> bool:
         """The workload is stopped for the switchover (QEMU's run state
-        `finish-migrate`), or for good once the migration completed."""
+        `finish-migrate`), or once the migration completed, until `resume`."""
         return self._stopped
+
+    def resume(self) -> None:
+        """Run the workload here again after a completed migration, as QEMU's
+        `cont` in postmigrate: on_resume, then the RESUME event. The
+        destination's copy is no longer the only one that runs: that is the
+        caller's choice (a destination that failed to start, say). Nothing
+        happens if the workload was not stopped by a completed migration."""
+        with self._lock:
+            if self.state.status is not MigrationStatus.COMPLETED or not self._stopped:
+                return
+            self._stopped = False
+        if self._on_resume is not None:
+            self._on_resume()
+        self._event("RESUME", None)
 
     def _channel_stats(self) -> list:
         return self._sender.stats if self._sender is not None else self._last_channel_stats
