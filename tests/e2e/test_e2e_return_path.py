@@ -118,8 +118,9 @@ def test_a_throttled_source_fails_as_soon_as_the_destination_cancels(
     )
     m.start()
     wait_until(
-        lambda: m.source.query().get("ram", {}).get("transferred", 0) > MiB,
-        what="part of the first chunk sent",
+        # Received, not only sent: the destination has opened its return path.
+        lambda: m.destination.query().get("x-ram", {}).get("transferred", 0) > MiB,
+        what="part of the first chunk received",
     )
     m.destination.cancel()
     wait_until(lambda: m.source.state.error is not None, what="the SHUT 1")
