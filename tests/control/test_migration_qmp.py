@@ -20,7 +20,7 @@ from control_support import (
     run,
     statuses_until,
 )
-from qemu.qmp import ExecuteError
+from qemu.qmp import ExecuteError, QMPClient
 
 from multifd.channels import socket_address_uri
 from multifd.control import MigrationCommands, QMPServer
@@ -477,3 +477,60 @@ def test_switchover_is_active_with_the_workload_stopped(
         source.cancel()
         source.wait()
         block.close()
+
+
+def test_stop_and_cont_on_a_source(serve: Callable[..., Served], sock_dir: Path) -> None:
+    """QEMU's stop and cont pause and resume the source's workload (STOP and
+    RESUME, once each). A paused workload may migrate: the switchover has
+    nothing to stop, and a migration that fails leaves it paused (QEMU's
+    vm_was_running). A destination has nothing to stop."""
+    source, destination = serve("source", seed=11), serve("destination")
+    calls: list[str] = []
+    source.source._on_stop = lambda: calls.append("stop")
+    source.source._on_resume = lambda: calls.append("resume")
+    uri = f"unix:{sock_dir / 'paused.sock'}"
+
+    async def status(qmp: QMPClient) -> str:
+        return str((await ask(qmp, "query-status"))["status"])
+
+    async def scenario() -> None:
+        src = await connect(source.path, name="src")
+        dst = await connect(destination.path, name="dst")
+        try:
+            for qmp in (src, dst):
+                await configure(qmp)
+            assert await src.execute("stop") == {}
+            assert await next_event(src, "STOP")
+            assert await src.execute("stop") == {}  # paused already
+            assert await status(src) == "paused"
+            assert await src.execute("cont") == {}
+            assert await next_event(src, "RESUME")
+            assert await src.execute("cont") == {}  # running already
+            assert await status(src) == "running"
+            assert calls == ["stop", "resume"]
+
+            await src.execute("stop")
+            # Nobody listens there: the connect fails.
+            await src.execute("migrate", {"uri": f"unix:{sock_dir / 'nobody.sock'}"})
+            assert await events_until(src, ("failed",)) == ["STOP", "setup", "failed"]
+            assert await status(src) == "paused"
+
+            await dst.execute("migrate-incoming", {"uri": uri})
+            await src.execute("migrate", {"uri": uri})
+            seen = await events_until(src, ("completed", "failed"))
+            assert seen[-1] == "completed" and "STOP" not in seen, seen
+            assert await status(src) == "postmigrate"
+            assert calls == ["stop", "resume", "stop"]
+            assert await src.execute("cont") == {}
+            assert await next_event(src, "RESUME")
+            assert calls == ["stop", "resume", "stop", "resume"]
+
+            with pytest.raises(ExecuteError) as refused:
+                await dst.execute("stop")
+            assert str(refused.value).startswith("stop is for a source")
+        finally:
+            await src.disconnect()
+            await dst.disconnect()
+
+    run(scenario())
+    assert destination.block.sha256() == source.block.sha256()

@@ -32,6 +32,7 @@ COMMANDS = [
     "migrate-set-parameters",
     "query-migrate-parameters",
     "query-status",
+    "stop",
     "cont",
     "query-version",
     "query-commands",

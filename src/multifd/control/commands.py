@@ -83,6 +83,7 @@ class MigrationCommands:
             "migrate-set-parameters": (self._set_parameters, None),
             "query-migrate-parameters": (lambda _: self.endpoint.settings.query_parameters(), {}),
             "query-status": (self._query_status, {}),
+            "stop": (self._stop, {}),
             "cont": (self._cont, {}),
             "query-version": (lambda _: self.version(), {}),
             "query-commands": (self._query_commands, {}),
@@ -144,7 +145,7 @@ class MigrationCommands:
             raise QMPError("Block migration (blk, inc) is not supported: only RAM blocks migrate")
         if arguments.get("resume"):
             raise QMPError("Postcopy recovery (resume) is not supported")
-        if self.endpoint.state.status is MigrationStatus.COMPLETED and self.endpoint.stopped:
+        if self.endpoint.run_state == "postmigrate":
             # The workload was handed over: a second copy of it would be stale
             # (after `cont` it runs here again, and may go once more).
             raise QMPError("Can't migrate the vm that was paused due to previous migration")
@@ -186,24 +187,35 @@ class MigrationCommands:
         if isinstance(self.endpoint, MigrationDestination):
             # The workload lives here only once everything has landed.
             run_state = "running" if status is MigrationStatus.COMPLETED else "inmigrate"
-        elif not self.endpoint.stopped:
-            run_state = "running"
-        elif status is MigrationStatus.COMPLETED:
-            run_state = "postmigrate"
         else:
-            # Stopped for the switchover; the migration status stays active.
-            run_state = "finish-migrate"
+            run_state = self.endpoint.run_state
         return {"status": run_state, "running": run_state == "running", "singlestep": False}
+
+    def _stop(self, _: dict[str, Any]) -> dict[str, Any]:
+        if not isinstance(self.endpoint, MigrationSource):
+            # QEMU's would not start the VM once it arrived; ours runs what it
+            # received as soon as it has it, and has no workload before.
+            raise QMPError("stop is for a source: a destination resumes as soon as it has loaded")
+        self._on_workload(self.endpoint.pause)
+        return {}
 
     def _cont(self, _: dict[str, Any]) -> dict[str, Any]:
         """QEMU's `cont`. A destination runs what it received as soon as it
         has it (QEMU's autostart), so there, as for anything already running,
         it has nothing to do."""
-        if isinstance(self.endpoint, MigrationSource) and self.endpoint.stopped:
-            if self.endpoint.state.status is not MigrationStatus.COMPLETED:
-                raise QMPError("The workload is stopped for the switchover of a running migration")
-            self.endpoint.resume()
+        if isinstance(self.endpoint, MigrationSource):
+            self._on_workload(self.endpoint.resume)
         return {}
+
+    @staticmethod
+    def _on_workload(action: Callable[[], None]) -> None:
+        """Pause or resume the application, whose exception is the answer."""
+        try:
+            action()
+        except MigrationConfigError:
+            raise
+        except Exception as exc:
+            raise QMPError(f"internal error: {type(exc).__name__}: {exc}") from None
 
     def _query_commands(self, _: dict[str, Any]) -> list[dict[str, str]]:
         return [{"name": name} for name in self.names]

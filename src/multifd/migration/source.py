@@ -136,6 +136,8 @@ class MigrationSource(Endpoint):
         self._connecting = ConnectAbort()
         self._sender: MultifdSender | None = None
         self._return_path: ReturnPathReader | None = None
+        # Stopped by `pause` (QEMU's `stop`), across migrations, until `resume`.
+        self._paused = False
         self._reset_counters()
 
     # -- control --------------------------------------------------------------
@@ -271,20 +273,50 @@ class MigrationSource(Endpoint):
 
     @property
     def stopped(self) -> bool:
-        """The workload is stopped for the switchover (QEMU's run state
-        `finish-migrate`), or once the migration completed, until `resume`."""
-        return self._stopped
+        """The workload is not running: stopped for a switchover, after a
+        completed migration, or by `pause`."""
+        return self.run_state != "running"
+
+    @property
+    def run_state(self) -> str:
+        """The workload's run state in QEMU's words: `running`, `paused` (by
+        `pause`), `finish-migrate` (stopped for the switchover; the migration
+        status stays active) or `postmigrate` (a completed migration stopped
+        it, until `resume`)."""
+        with self._lock:
+            if self._stopped:
+                completed = self.state.status is MigrationStatus.COMPLETED
+                return "postmigrate" if completed else "finish-migrate"
+            return "paused" if self._paused else "running"
+
+    def pause(self) -> None:
+        """Stop the workload here, as QEMU's `stop`: on_stop, then the STOP
+        event. A migration may run meanwhile; its switchover then has nothing
+        to stop, and if it fails it leaves the workload stopped. Nothing
+        happens if the workload is not running."""
+        with self._lock:
+            if self._paused or self._stopped:
+                return
+            self._paused = True
+        if self._on_stop is not None:
+            self._on_stop()
+        self._event("STOP", None)
 
     def resume(self) -> None:
-        """Run the workload here again after a completed migration, as QEMU's
-        `cont` in postmigrate: on_resume, then the RESUME event. The
-        destination's copy is no longer the only one that runs: that is the
-        caller's choice (a destination that failed to start, say). Nothing
-        happens if the workload was not stopped by a completed migration."""
+        """Run the workload here again, as QEMU's `cont`: after `pause`, or in
+        postmigrate (the destination's copy is then no longer the only one
+        that runs: the caller's choice, for a destination that failed to
+        start, say); on_resume, then RESUME. Refused while a switchover has the
+        workload stopped; nothing happens if it runs."""
         with self._lock:
-            if self.state.status is not MigrationStatus.COMPLETED or not self._stopped:
+            completed = self.state.status is MigrationStatus.COMPLETED
+            if self._stopped and not completed:
+                raise MigrationConfigError(
+                    "The workload is stopped for the switchover of a running migration"
+                )
+            if not (self._paused or self._stopped):
                 return
-            self._stopped = False
+            self._paused = self._stopped = False
         if self._on_resume is not None:
             self._on_resume()
         self._event("RESUME", None)
@@ -512,16 +544,20 @@ class MigrationSource(Endpoint):
         stop_ns = time.time_ns()
         stopped_at = time.monotonic()
         # Set first: an on_stop that fails may have stopped part of the workload,
-        # and resuming a running one is harmless (QEMU's vm_was_running). STOP
-        # is announced even then, so that the RESUME of the undo has its pair.
-        self._stopped = True
-        try:
-            if self._on_stop is not None:
-                self._on_stop()
-        finally:
-            # As QEMU's vm_stop: STOP once stopped, before the last dirty sync
-            # (its MIGRATION_PASS). The status stays active.
-            self._event("STOP", None)
+        # and resuming a running one is harmless. STOP is announced even then,
+        # so that the RESUME of the undo has its pair. A workload `pause` has
+        # stopped already is neither stopped nor announced again.
+        with self._lock:
+            self._stopped = True
+            was_running = not self._paused
+        if was_running:
+            try:
+                if self._on_stop is not None:
+                    self._on_stop()
+            finally:
+                # As QEMU's vm_stop: STOP once stopped, before the last dirty
+                # sync (its MIGRATION_PASS). The status stays active.
+                self._event("STOP", None)
         dirty = [np.union1d(d, t.collect().indices()) for d, t in zip(dirty, trackers, strict=True)]
         self.ram.dirty_sync_count += 1
         self.ram.remaining = sum(len(d) for d in dirty) * TARGET_PAGE_SIZE
@@ -720,11 +756,12 @@ class MigrationSource(Endpoint):
         # The source keeps running: a failed switchover is undone, and RESUME
         # announces it as QEMU's vm_start does: before `cancelled` (QEMU's
         # cleanup sets it later), after `failed` (set before QEMU restarts).
-        resumed = self._stopped
-        if resumed:
-            if self._on_resume is not None:
-                self._undo(self._on_resume)
+        # As QEMU's vm_was_running: what `pause` stopped stays stopped.
+        with self._lock:
+            resumed = self._stopped and not self._paused
             self._stopped = False
+        if resumed and self._on_resume is not None:
+            self._undo(self._on_resume)
         if self._throttle_percent and self._throttle is not None:
             self._undo(self._throttle, 0)
         if self._cancel.is_set() and self.state.error is None:
