@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.live import Live
 
 from . import __version__
-from .analyze import analyze, load_recording
+from .analyze import analyze, check_extract_folder, load_recording
 from .analyze.report import render
 from .bench import command as bench_command
 from .channels import ChannelError, URIError
@@ -45,12 +45,24 @@ from .qemu.snapshot import SnapshotError, restore, save
 
 def _analyze(args: argparse.Namespace) -> int:
     console = Console(stderr=args.json)
+    if args.extract is not None:
+        # Before the recording is read: decompressing and decoding it can be long.
+        try:
+            check_extract_folder(args.extract)
+        except ValueError as exc:
+            print(f"multifd analyze: error: --extract {exc}", file=sys.stderr)
+            return 2
     try:
         recording = load_recording(args.path)
     except (OSError, ValueError) as exc:
         print(f"multifd analyze: error: {exc}", file=sys.stderr)
         return 2
-    result = analyze(recording, extract=args.extract)
+    try:
+        result = analyze(recording, extract=args.extract)
+    except OSError as exc:
+        # Only the RAM images touch the file system once the recording is read.
+        print(f"multifd analyze: error: --extract {args.extract}: {exc}", file=sys.stderr)
+        return 2
     if args.json:
         print(json.dumps(result.to_json(), indent=1))
     else:
@@ -247,7 +259,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--extract",
         metavar="DIR",
         type=Path,
-        help="write each RAM block into DIR as a file of its used length",
+        help="write each RAM block into DIR as a file of its used length, and "
+        "blocks.json listing them; DIR must be new (it is created) or empty: "
+        "nothing is overwritten",
     )
     p.set_defaults(func=_analyze)
 

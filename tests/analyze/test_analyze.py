@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import lzma
+import os
 import shutil
 from pathlib import Path
 
@@ -144,3 +145,64 @@ def test_folder_without_main_channel_is_refused(
     err = capsys.readouterr().err
     assert "no conn0.bin or conn0.bin.xz (the main channel)" in err
     assert str(tmp_path) in err
+
+
+@pytest.mark.parametrize(
+    ("target", "problem"),
+    [
+        ("afile", "exists and is not a folder"),
+        ("afile/sub", "cannot be created: {tmp}/afile is not a folder"),
+        ("full", "is not empty (give a new or empty folder: nothing is overwritten)"),
+    ],
+)
+def test_extract_folder_is_refused_before_the_recording_is_read(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], target: str, problem: str
+) -> None:
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "pc.ram").write_text("mine")
+    # The recording does not exist: the --extract problem is the one reported,
+    # so it was found before any reading or decoding.
+    argv = ["analyze", str(tmp_path / "no-such-recording"), "--extract", str(tmp_path / target)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        f"multifd analyze: error: --extract {tmp_path / target} {problem.format(tmp=tmp_path)}\n"
+    )
+    assert (tmp_path / "full" / "pc.ram").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "full"]
+
+
+def test_extract_folder_that_is_not_writable_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # root may write anywhere: the permission is what os.access answers.
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: Path(p) != locked and real(p, mode))
+    recording = str(FIXTURES / "mf2-nokernel")
+    assert main(["analyze", recording, "--extract", str(locked)]) == 2
+    assert (
+        capsys.readouterr().err == f"multifd analyze: error: --extract {locked} is not writable\n"
+    )
+    assert main(["analyze", recording, "--extract", str(locked / "new")]) == 2
+    assert capsys.readouterr().err == (
+        f"multifd analyze: error: --extract {locked / 'new'} cannot be created: "
+        f"{locked} is not writable\n"
+    )
+    assert not any(locked.iterdir())
+
+
+def test_extract_creates_a_new_folder_with_its_parents(tmp_path: Path) -> None:
+    target = tmp_path / "new" / "deeper"
+    analyze(load_recording(FIXTURES / "mf2-nokernel"), extract=target)
+    names = {b["file"] for b in json.loads((target / "blocks.json").read_text())}
+    assert names | {"blocks.json"} == {p.name for p in target.iterdir()}
+
+
+def test_library_refuses_an_extract_file_before_decoding(tmp_path: Path) -> None:
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    with pytest.raises(ValueError, match="exists and is not a folder"):
+        analyze(load_recording(FIXTURES / "mf2-nokernel"), extract=afile)

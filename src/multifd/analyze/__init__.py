@@ -1,6 +1,14 @@
 """Offline analysis of recorded migrations: every channel decoded, RAM rebuilt."""
 
 from .recording import Recording, load_recording
-from .replay import Analysis, ChannelStats, RoundStats, analyze
+from .replay import Analysis, ChannelStats, RoundStats, analyze, check_extract_folder
 
-__all__ = ["Analysis", "ChannelStats", "Recording", "RoundStats", "analyze", "load_recording"]
+__all__ = [
+    "Analysis",
+    "ChannelStats",
+    "Recording",
+    "RoundStats",
+    "analyze",
+    "check_extract_folder",
+    "load_recording",
+]

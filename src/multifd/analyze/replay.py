@@ -242,6 +242,33 @@ class _ChannelReplay:
         )
 
 
+def check_extract_folder(folder: Path) -> None:
+    """Raise ValueError, naming what is wrong, if `folder` cannot take the RAM
+    images: it must be new (created with its parents) or an empty folder, so
+    that nothing already there is overwritten, and writable. Cheap, so callers
+    check before a long decode rather than fail in the middle of it."""
+    if folder.exists() or folder.is_symlink():
+        if not folder.is_dir():
+            raise ValueError(f"{folder} exists and is not a folder")
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise ValueError(f"{folder} is not writable")
+        try:
+            empty = not any(folder.iterdir())
+        except OSError as exc:
+            raise ValueError(f"{folder} cannot be listed: {exc.strerror}") from None
+        if not empty:
+            raise ValueError(
+                f"{folder} is not empty (give a new or empty folder: nothing is overwritten)"
+            )
+        return
+    # The nearest existing ancestor is where the missing folders get created.
+    ancestor = next(p for p in folder.absolute().parents if p.exists() or p.is_symlink())
+    if not ancestor.is_dir():
+        raise ValueError(f"{folder} cannot be created: {ancestor} is not a folder")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise ValueError(f"{folder} cannot be created: {ancestor} is not writable")
+
+
 class _Images:
     """RAM blocks rebuilt as sparse files, written through shared mappings."""
 
@@ -479,5 +506,10 @@ def analyze(
     layout: PacketLayout = PacketLayout.V9_0,
 ) -> Analysis:
     """Decode every channel of `recording`; with `extract`, write each RAM block
-    into that folder as a file of its used length (last write wins)."""
-    return _Replay(recording, None if extract is None else Path(extract), layout).run()
+    into that folder as a file of its used length (last write wins), and
+    blocks.json listing them. The folder must be new or empty
+    (`check_extract_folder`, ValueError otherwise)."""
+    folder = None if extract is None else Path(extract)
+    if folder is not None:
+        check_extract_folder(folder)
+    return _Replay(recording, folder, layout).run()
