@@ -3,8 +3,11 @@ with the defaults of issue 7 (`multifd bench --size 4G --channels 1,2,4,8`)."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
+
+from ..migration.params import check_parameter
 
 SCENARIOS = ("bulk", "live", "loopback", "tracker")
 PAIRINGS = ("qemu-qemu", "qemu-python", "python-qemu", "python-python")
@@ -60,15 +63,32 @@ class BenchOptions:
             raise ValueError(f"transport must be one of {TRANSPORTS}, got {self.transport!r}")
         if self.runs < 1 or self.warmup < 0:
             raise ValueError("runs must be at least 1 and warmup at least 0")
+        if not self.dirty_rates or any(r <= 0 for r in self.dirty_rates):
+            raise ValueError(f"dirty rates must be positive bytes/s, got {self.dirty_rates}")
+        # The live scenario hands it to the source as its parameter: refused
+        # here, before any scenario runs, by the same check.
+        check_parameter("downtime-limit", self.downtime_limit)
+        if self.tracker_size is not None and (self.tracker_size <= 0 or self.tracker_size % 4096):
+            raise ValueError(
+                f"tracker size must be a positive multiple of 4096, got {self.tracker_size}"
+            )
+        if self.timeout is not None and self.timeout <= 0:
+            raise ValueError(f"timeout must be positive seconds, got {self.timeout}")
+        if not os.path.isdir(self.workdir) or not os.access(self.workdir, os.W_OK | os.X_OK):
+            raise ValueError(f"workdir {self.workdir} is not a writable folder")
 
     @property
     def migration_timeout(self) -> float:
         # Generous: 20 MB/s is far below anything measured here, plus startup.
-        return self.timeout or 60.0 + self.size / 20e6
+        if self.timeout is not None:
+            return self.timeout
+        return 60.0 + self.size / 20e6
 
     @property
     def tracked_size(self) -> int:
-        return self.tracker_size or min(self.size, TRACKER_MAX_SIZE)
+        if self.tracker_size is not None:
+            return self.tracker_size
+        return min(self.size, TRACKER_MAX_SIZE)
 
     def to_json(self) -> dict:
         return {

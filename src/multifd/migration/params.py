@@ -172,7 +172,9 @@ DESTINATION_SETUP_PARAMETERS = frozenset(
 )
 
 
-def _check_value(name: str, value: Any) -> Any:
+def check_parameter(name: str, value: Any) -> Any:
+    """`value` if migrate-set-parameters would take it for `name` (a known
+    parameter), else MigrationConfigError with QEMU's words."""
     spec = PARAMETERS[name]
     if spec.kind is int:
         if isinstance(value, bool) or not isinstance(value, int):
@@ -300,7 +302,7 @@ class MigrationSettings:
         for name, value in values.items():
             if name not in PARAMETERS:
                 raise MigrationConfigError(f"Parameter '{name}' is unexpected")
-            checked[name] = _check_value(name, value)
+            checked[name] = check_parameter(name, value)
         with self._lock:
             merged = {**self._parameters, **checked}
             # QEMU checks the ceiling against the floor only when the ceiling is set.
