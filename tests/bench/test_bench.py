@@ -21,6 +21,7 @@ import pytest
 from rich.console import Console
 
 import multifd.bench.bulk
+import multifd.bench.command
 from multifd.bench import (
     PAIRINGS,
     BenchOptions,
@@ -435,3 +436,103 @@ def test_tables_piped_to_a_file_keep_every_header(
     out = capsys.readouterr().out
     for header in ("runs (GB/s)", "best GB/s", "Python→Python GB/s", "wire fraction"):
         assert header in out, out
+
+
+def _bench_args(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return parser.parse_args(
+        ["--size", "8M", "--channels", "1", "--runs", "1", "--warmup", "0", "--quiet", *argv]
+    )
+
+
+def _no_run(options: BenchOptions) -> dict[str, Any]:
+    raise AssertionError("the benchmark ran")
+
+
+@pytest.mark.parametrize(
+    ("option", "target", "problem"),
+    [
+        ("--markdown", "missing/r.md", "{tmp}/missing does not exist"),
+        ("--markdown", "afile/r.md", "{tmp}/afile is not a folder"),
+        ("--markdown", "adir", "{tmp}/adir is a folder"),
+        ("--plot", "missing/r.png", "{tmp}/missing does not exist"),
+    ],
+)
+def test_output_paths_are_refused_before_the_run(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    option: str,
+    target: str,
+    problem: str,
+) -> None:
+    monkeypatch.setattr(multifd.bench.command, "run_bench", _no_run)
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "adir").mkdir()
+    path = f"{tmp_path}/{target}"
+    assert run_command(_bench_args(option, path)) == 2
+    assert capsys.readouterr().err == (
+        f"multifd bench: error: {option} {path}: {problem.format(tmp=tmp_path)}\n"
+    )
+
+
+def test_an_output_that_fails_at_the_end_keeps_the_results(
+    result: dict[str, Any],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+
+    def run_and_lose_the_folder(options: BenchOptions) -> dict[str, Any]:
+        out.rmdir()  # gone while the benchmark ran
+        return result
+
+    monkeypatch.setattr(multifd.bench.command, "run_bench", run_and_lose_the_folder)
+    assert run_command(_bench_args("--json", "--markdown", str(out / "r.md"))) == 1
+    captured = capsys.readouterr()
+    assert json.loads(captured.out) == result  # the figures are not lost
+    assert captured.err.startswith(
+        f"multifd bench: error: --markdown {out / 'r.md'}: [Errno 2] No such file or directory"
+    )
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (
+            ["--downtime-limit", "-1"],
+            "Parameter 'downtime-limit' expects an integer in the range of 0 to 2000000 "
+            "milliseconds",
+        ),
+        (
+            ["--downtime-limit", "2000001"],
+            "Parameter 'downtime-limit' expects an integer in the range of 0 to 2000000 "
+            "milliseconds",
+        ),
+        (["--tracker-size", "0"], "tracker size must be a positive multiple of 4096, got 0"),
+        (["--tracker-size", "5000"], "tracker size must be a positive multiple of 4096, got 5000"),
+        (["--dirty-rates", "1M,0"], "dirty rates must be positive bytes/s, got (1048576, 0)"),
+        (["--workdir", "/nonexistent"], "workdir /nonexistent is not a writable folder"),
+    ],
+)
+def test_bad_options_are_refused_before_any_scenario_runs(
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    argv: list[str],
+    message: str,
+) -> None:
+    monkeypatch.setattr(multifd.bench.command, "run_bench", _no_run)
+    assert run_command(_bench_args(*argv)) == 2
+    assert capsys.readouterr().err == f"multifd bench: error: {message}\n"
+
+
+def test_tracker_size_and_timeout_are_used_as_given() -> None:
+    options = BenchOptions(size=8 << 20, tracker_size=4096, timeout=0.5)
+    assert options.tracked_size == 4096 and options.to_json()["tracker_size"] == 4096
+    assert options.migration_timeout == 0.5
+    assert BenchOptions(size=8 << 20).tracked_size == 8 << 20
+    with pytest.raises(ValueError, match="timeout must be positive seconds, got 0"):
+        BenchOptions(timeout=0)

@@ -109,9 +109,50 @@ def _table_console() -> Console:
     return Console(width=_PIPE_WIDTH)
 
 
+def _unwritable(path: Path) -> str | None:
+    """Why `path` could not be written as a file, or None. Checked before the
+    run: a bad path found only at the end would cost a long run its figures."""
+    if path.is_dir():
+        return f"{path} is a folder"
+    folder = path.absolute().parent
+    if not folder.is_dir():
+        return f"{folder} is not a folder" if folder.exists() else f"{folder} does not exist"
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return f"{folder} is not writable"
+    if path.exists() and not os.access(path, os.W_OK):
+        return f"{path} is not writable"
+    return None
+
+
+def _write_outputs(args: argparse.Namespace, result: dict[str, Any], err: Console) -> bool:
+    """The --markdown and --plot files; False if one could not be written (said
+    on stderr: the tables or JSON are already on stdout)."""
+    failed: list[tuple[str, Path, OSError]] = []
+    if args.markdown is not None:
+        try:
+            args.markdown.write_text(markdown(result))
+        except OSError as exc:
+            failed.append(("--markdown", args.markdown, exc))
+    if args.plot is not None:
+        try:
+            err.print(plot(result, args.plot))
+        except OSError as exc:
+            failed.append(("--plot", args.plot, exc))
+    for option, path, exc in failed:
+        print(f"multifd bench: error: {option} {path}: {exc}", file=sys.stderr)
+    return not failed
+
+
 def run_command(args: argparse.Namespace) -> int:
-    """Run the benchmark the arguments describe; 0 if every figure was measured."""
+    """Run the benchmark the arguments describe; 0 if every figure was measured
+    and every file asked for written, 2 if it could not run (bad options and
+    output paths are refused before anything is measured)."""
     err = Console(stderr=True)
+    for option, path in (("--markdown", args.markdown), ("--plot", args.plot)):
+        problem = None if path is None else _unwritable(path)
+        if problem is not None:
+            print(f"multifd bench: error: {option} {path}: {problem}", file=sys.stderr)
+            return 2
     try:
         options = BenchOptions(
             size=args.size,
@@ -137,14 +178,11 @@ def run_command(args: argparse.Namespace) -> int:
         print(json.dumps(result, indent=1))
     else:
         render(result, _table_console())
-    if args.markdown is not None:
-        args.markdown.write_text(markdown(result))
-    if args.plot is not None:
-        err.print(plot(result, args.plot))
+    written = _write_outputs(args, result, err)
     problems = failures(result)
     for problem in problems:
         err.print(f"[red]{problem}[/]")
-    return 1 if problems else 0
+    return 0 if written and not problems else 1
 
 
 def main(argv: list[str] | None = None) -> int:

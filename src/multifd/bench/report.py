@@ -435,6 +435,6 @@ def plot(result: dict[str, Any], path: Path) -> str:
     axes.set_title(f"multifd bench, {human(result['options']['size'])} RAM")
     axes.legend()
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    figure.savefig(path, dpi=120, format="png")  # whatever the name ends with
     plt.close(figure)
     return f"plot written to {path}"
