@@ -62,16 +62,29 @@ class QMPConnection:
         request: dict[str, Any] = {"execute": command}
         if arguments:
             request["arguments"] = arguments
-        self._sock.sendall(json.dumps(request).encode() + b"\n")
-        while True:
-            message = self._read()
-            if "event" in message:
-                self.events.append(message)
-                continue
-            if "error" in message:
-                error = message["error"]
-                raise QMPError(command, error.get("class", "?"), error.get("desc", "?"))
-            return message.get("return")
+        # A bare "[Errno 32] Broken pipe" does not say whose socket broke: a QEMU
+        # that was killed or exited mid-command shows up here.
+        try:
+            self._sock.sendall(json.dumps(request).encode() + b"\n")
+            while True:
+                message = self._read()
+                if "event" in message:
+                    self.events.append(message)
+                    continue
+                if "error" in message:
+                    error = message["error"]
+                    raise QMPError(command, error.get("class", "?"), error.get("desc", "?"))
+                return message.get("return")
+        except TimeoutError as exc:
+            raise TimeoutError(
+                f"QEMU's QMP at {self.address} did not answer {command} "
+                f"within {self._sock.gettimeout():g} s"
+            ) from exc
+        except OSError as exc:
+            raise ConnectionError(
+                f"QEMU's QMP connection at {self.address} closed during {command} "
+                f"({exc.strerror or exc})"
+            ) from exc
 
     def close(self) -> None:
         self._file.close()
