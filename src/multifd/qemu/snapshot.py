@@ -33,6 +33,8 @@ FORMAT = 1
 # unlimited on every version).
 UNLIMITED_BANDWIDTH = 100 << 30
 POLL = 0.05
+# How long a save waits for our destination to see a vanished QEMU's channels close.
+CLOSE_GRACE = 1.0
 
 Progress = Callable[[dict[str, Any], dict[str, Any]], None]
 
@@ -72,6 +74,44 @@ def _configure(
     qemu.execute("migrate-set-parameters", parameters)
 
 
+# Capabilities a QEMU source lists in its configuration section (7.2 lists only
+# x-ignore-shared; later versions add mapped-ram): the destination then demands
+# them, and x-ignore-shared a RAM block list with each block's address, which
+# our source does not send. It would also leave memory in shared backends out
+# of the snapshot.
+UNHONOURED_CAPABILITIES = ("x-ignore-shared",)
+
+
+def _refuse_unhonoured_capabilities(qemu: QMPConnection, qmp: str) -> None:
+    on = [
+        c["capability"]
+        for c in qemu.execute("query-migrate-capabilities")
+        if c["state"] and c["capability"] in UNHONOURED_CAPABILITIES
+    ]
+    if on:
+        raise SnapshotError(
+            f"QEMU at {qmp} has capability {', '.join(on)} on, which restore cannot honour: "
+            "turn it off (migrate-set-capabilities) and save again"
+        )
+
+
+def _destination_state(ours: dict[str, Any]) -> str:
+    if "status" not in ours:
+        return "our destination was still waiting for QEMU's channels"
+    return f"our destination {ours['status']} ({ours.get('error-desc', 'no error')})"
+
+
+def _wait_destination(
+    destination: MigrationDestination, qemu_info: dict[str, Any], timeout: float
+) -> dict[str, Any]:
+    """Our destination's end, once QEMU's migration has ended."""
+    if qemu_info.get("status") != "completed":
+        # A QEMU that gave up in setup never connects all its channels, and our
+        # destination would wait for them until its own timeout.
+        destination.cancel()
+    return destination.wait(timeout)
+
+
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as f:
@@ -109,6 +149,7 @@ def save(
         status = qemu.execute("query-status")["status"]
         if status in ("inmigrate", "postmigrate", "finish-migrate"):
             raise SnapshotError(f"QEMU at {qmp} cannot be saved: its status is {status!r}")
+        _refuse_unhonoured_capabilities(qemu, qmp)
         base_memory = _base_memory(qemu)
         destination = MigrationDestination(
             make_blocks,
@@ -121,7 +162,7 @@ def save(
             uri = destination.incoming(f"unix:{tmp}/save.sock")
             qemu.execute("migrate", {"uri": uri})
             qemu_info = _wait_both(qemu, destination, progress, timeout)
-            ours = destination.wait(timeout)
+            ours = _wait_destination(destination, qemu_info, timeout)
         finally:
             destination.cancel()
             for block in blocks:
@@ -180,20 +221,26 @@ def _wait_both(
 ) -> dict[str, Any]:
     """Poll QEMU and our destination until QEMU's migration has ended."""
     deadline = time.monotonic() + timeout
-    while True:
-        info = qemu.execute("query-migrate")
-        ours = destination.query()
-        if progress is not None:
-            progress(info, ours)
-        if info.get("status") in ("completed", "failed", "cancelled"):
-            return info
-        if ours.get("status") in ("failed", "cancelled"):
-            # Our side gave up: stop QEMU too, so it does not wait forever.
-            qemu.execute("migrate_cancel")
-        if time.monotonic() > deadline:
-            qemu.execute("migrate_cancel")
-            raise SnapshotError(f"QEMU did not finish migrating within {timeout:g} s")
-        time.sleep(POLL)
+    try:
+        while True:
+            info = qemu.execute("query-migrate")
+            ours = destination.query()
+            if progress is not None:
+                progress(info, ours)
+            if info.get("status") in ("completed", "failed", "cancelled"):
+                return info
+            if ours.get("status") in ("failed", "cancelled"):
+                # Our side gave up: stop QEMU too, so it does not wait forever.
+                qemu.execute("migrate_cancel")
+            if time.monotonic() > deadline:
+                qemu.execute("migrate_cancel")
+                raise SnapshotError(f"QEMU did not finish migrating within {timeout:g} s")
+            time.sleep(POLL)
+    except OSError as exc:
+        # QEMU went away (killed, crashed): give our destination a moment to see
+        # its channels close, so its state says what it received.
+        ours = destination.wait(CLOSE_GRACE)
+        raise SnapshotError(f"{exc}; {_destination_state(ours)}") from exc
 
 
 def load_manifest(folder: Path) -> dict[str, Any]:
@@ -241,6 +288,7 @@ def restore(
                 "start it with -incoming defer"
             )
         _check_destination(qemu, manifest, configuration)
+        _check_block_files(folder, manifest)
         _configure(qemu, channels, compression, source=False, return_path=return_path)
         uri = f"unix:{tmp}/restore.sock"
         qemu.execute("migrate-incoming", {"uri": uri})
@@ -284,6 +332,7 @@ def _check_destination(
     qemu: QMPConnection, manifest: dict[str, Any], configuration: Configuration
 ) -> None:
     """Refuse a destination that cannot take this snapshot, before sending a byte."""
+    _check_capabilities(configuration)
     machine = _machine_type(qemu)
     if machine != configuration.machine_type:
         raise SnapshotError(
@@ -296,6 +345,81 @@ def _check_destination(
             f"the destination has {memory >> 20} MiB of RAM but the snapshot "
             f"{manifest['base-memory'] >> 20} MiB: start QEMU with -m "
             f"{manifest['base-memory'] >> 20}M"
+        )
+    _check_ram_blocks(qemu, manifest)
+
+
+def _check_capabilities(configuration: Configuration) -> None:
+    # Our source sends the configuration as saved; QEMU then demands each
+    # capability it lists, and we honour none of them (UNHONOURED_CAPABILITIES).
+    if configuration.capabilities:
+        raise SnapshotError(
+            "the snapshot's configuration demands capability "
+            f"{', '.join(configuration.capabilities)}, which restore cannot honour "
+            "(it was saved by a QEMU with that capability on)"
+        )
+
+
+def _ram_blocks(qemu: QMPConnection) -> dict[str, tuple[int, int]]:
+    """QEMU's RAM blocks: name -> (used length, maximum length), from `info
+    ramblock` (QMP has no command for them in 7.2)."""
+    text = qemu.execute("human-monitor-command", {"command-line": "info ramblock"})
+    blocks: dict[str, tuple[int, int]] = {}
+    # "Block Name  PSize  Offset  Used  Total" with PSize as "4 KiB".
+    for line in text.splitlines()[1:]:
+        if line.strip():
+            name, _, _, _, used, total = line.rsplit(None, 5)
+            blocks[name.strip()] = (int(used, 16), int(total, 16))
+    return blocks
+
+
+def _check_ram_blocks(qemu: QMPConnection, manifest: dict[str, Any]) -> None:
+    """The snapshot's RAM blocks against the destination's. QEMU itself refuses a
+    block it does not have, or whose length differs and that it cannot resize
+    (up to its maximum length), but only once the stream has begun, and exits."""
+    theirs = _ram_blocks(qemu)
+    ours = {b["name"]: b["used_length"] for b in manifest["blocks"]}
+    problems = [f"{name} is missing on the destination" for name in ours if name not in theirs]
+    problems += [
+        f"{name} is on the destination but not in the snapshot"
+        for name in theirs
+        if name not in ours
+    ]
+    for name, length in ours.items():
+        if name not in theirs or theirs[name][0] == length:
+            continue
+        used, maximum = theirs[name]
+        # A fixed-size block has used == maximum; a resizable one has room left
+        # (or is exactly full, which we cannot tell apart and also refuse).
+        if used == maximum or length > maximum:
+            problems.append(
+                f"{name} is {used:#x} bytes on the destination (at most {maximum:#x}) "
+                f"but {length:#x} in the snapshot"
+            )
+    if problems:
+        raise SnapshotError(
+            "the destination's RAM blocks do not match the snapshot's: "
+            + "; ".join(problems)
+            + ": start QEMU with the devices of the VM that was saved"
+        )
+
+
+def _check_block_files(folder: Path, manifest: dict[str, Any]) -> None:
+    """Each block file's sha256 against the manifest's; the files can be GiBs,
+    so they are read once, here."""
+    changed = []
+    for block in manifest["blocks"]:
+        path = folder / block["file"]
+        try:
+            digest = _sha256(path)
+        except OSError as exc:
+            raise SnapshotError(f"{path}: {exc.strerror or exc}") from None
+        if digest != block.get("sha256"):
+            changed.append(block["name"])
+    if changed:
+        raise SnapshotError(
+            f"{folder}: the sha256 of block {', '.join(changed)} does not match the "
+            f"manifest's: the file changed after the snapshot was saved"
         )
 
 
