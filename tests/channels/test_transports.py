@@ -88,14 +88,34 @@ def test_unix_listener_replaces_a_stale_socket_but_not_a_file(
     listen: Callable[..., Listener], tmp_path: Path
 ) -> None:
     stale = tmp_path / "stale.sock"
-    with socket.socket(socket.AF_UNIX) as old:
+    with socket.socket(socket.AF_UNIX) as old:  # as a killed process leaves it
         old.bind(str(stale))
+        old.listen()
     listen(f"unix:{stale}").close()
     regular = tmp_path / "not-a-socket"
     regular.write_text("keep me")
     with pytest.raises(ChannelError, match="exists and is not a socket"):
         Listener(f"unix:{regular}")
     assert regular.read_text() == "keep me"
+
+
+def test_unix_listener_leaves_a_live_socket_alone(
+    listen: Callable[..., Listener], unix_path: str
+) -> None:
+    """A second listener on the path of one that runs is refused: it must not
+    unlink the first one's socket and take its address."""
+    first = listen(f"unix:{unix_path}")
+    identity = os.stat(unix_path).st_ino
+    with pytest.raises(
+        ChannelError,
+        match=rf"cannot listen on unix:{unix_path}: \[Errno 98\] address in use: "
+        rf"another process listens on {unix_path}$",
+    ):
+        Listener(f"unix:{unix_path}")
+    assert os.stat(unix_path).st_ino == identity
+    source = connect_channels(f"unix:{unix_path}", header=HEADER)
+    with source, first.wait(10) as destination:
+        exchange(source, destination)
 
 
 def test_fd_socket_round_trip() -> None:

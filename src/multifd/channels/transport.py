@@ -144,15 +144,32 @@ def socket_address(sock: socket.socket) -> dict[str, Any]:
 
 
 def _remove_stale_socket(path: str) -> None:
-    """QEMU unlinks the path before binding; we do too, but only if it is a socket,
-    so a mistyped URI cannot delete a file."""
+    """QEMU unlinks the path before binding. We unlink only a socket nobody listens
+    on (left by a process that was killed): a mistyped URI must not delete a file,
+    nor a second daemon take the address of one that runs."""
     try:
         mode = os.lstat(path).st_mode
     except FileNotFoundError:
         return
     if not stat.S_ISSOCK(mode):
         raise OSError(errno.EEXIST, f"{path} exists and is not a socket")
-    os.unlink(path)
+    # Non-blocking: a live listener with a full backlog answers EAGAIN at once.
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.setblocking(False)
+        try:
+            probe.connect(path)
+        except (ConnectionRefusedError, FileNotFoundError):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+            return
+        except (BlockingIOError, InterruptedError):
+            pass  # a listener that has not caught up: in use all the same
+        except OSError as exc:
+            if exc.errno != errno.EPROTOTYPE:  # a live socket of another type
+                raise OSError(
+                    exc.errno, f"{path} exists and cannot be checked: {exc.strerror}"
+                ) from None
+    raise OSError(errno.EADDRINUSE, f"address in use: another process listens on {path}")
 
 
 def unlink_socket(path: str, identity: tuple[int, int]) -> None:
