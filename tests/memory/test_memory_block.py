@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from memory_support import ALL_KINDS, BlockMaker, MiB, open_fds, present_pages
 
-from multifd.memory import PAGE_SIZE, RAMBlock, validate_name
+from multifd.memory import PAGE_SIZE, FileTooShortError, RAMBlock, validate_name
 from multifd.memory import block as block_module
 
 
@@ -68,8 +68,11 @@ def test_file_block_refuses_what_it_should_not_do(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match=r"RAMBlock 'f': open .*missing"):
         RAMBlock.from_file("f", tmp_path / "missing", PAGE_SIZE)
     (tmp_path / "short").write_bytes(bytes(PAGE_SIZE))
-    with pytest.raises(ValueError, match="has 4096 bytes, fewer than size 8192; pass create=True"):
+    with pytest.raises(
+        FileTooShortError, match="has 4096 bytes, fewer than size 8192; pass create=True"
+    ) as short:
         RAMBlock.from_file("f", tmp_path / "short", 2 * PAGE_SIZE)
+    assert (short.value.length, short.value.size) == (PAGE_SIZE, 2 * PAGE_SIZE)
     (tmp_path / "empty").touch()
     with pytest.raises(ValueError, match="is empty; pass size="):
         RAMBlock.from_file("f", tmp_path / "empty")
@@ -236,6 +239,25 @@ def test_prefault_reports_real_failures(
     block = make_block("anonymous", MiB, name="pc.ram")
     with pytest.raises(OSError, match=r"'pc.ram': madvise\(MADV_POPULATE_WRITE\): Cannot alloc"):
         block.prefault()
+
+
+# More than the 47 bits of a process's address space, less than what mmap takes.
+UNMAPPABLE = 1 << 60
+
+
+def test_memory_that_cannot_be_had_is_named_with_its_size(tmp_path: Path) -> None:
+    with pytest.raises(
+        OSError,
+        match=rf"^\[Errno 12\] RAMBlock 'pc.ram': map {UNMAPPABLE} bytes of anonymous memory: ",
+    ):
+        RAMBlock.anonymous("pc.ram", UNMAPPABLE)
+    # A file system refuses the length (EFBIG), or the mapping fails (tmpfs).
+    with pytest.raises(OSError, match=rf"^\[Errno \d+\] RAMBlock 'f': (extend|map) .*{UNMAPPABLE}"):
+        RAMBlock.from_file("f", tmp_path / "f", UNMAPPABLE, create=True)
+    too_big = 1 << 63  # not even a signed length: the call could not be made
+    for make in (RAMBlock.anonymous, RAMBlock.memfd):
+        with pytest.raises(ValueError, match=f"RAMBlock 'x': size {too_big} bytes is more than"):
+            make("x", too_big)
 
 
 def test_close_releases_what_the_block_owns_and_is_idempotent(tmp_path: Path) -> None:

@@ -3,7 +3,7 @@ dirty-page trackers and zero-page detection. No channel I/O happens here.
 """
 
 from .bitmap import DirtyBitmap, coalesce_runs, runs_to_indices
-from .block import MAX_NAME_BYTES, PAGE_SIZE, MarkLog, RAMBlock, validate_name
+from .block import MAX_NAME_BYTES, PAGE_SIZE, FileTooShortError, MarkLog, RAMBlock, validate_name
 from .tracking import (
     PREFERENCES,
     DirtyTracker,
@@ -26,6 +26,7 @@ __all__ = [
     "DirtyBitmap",
     "DirtyTracker",
     "ExplicitTracker",
+    "FileTooShortError",
     "HashTracker",
     "KernelTracker",
     "MarkLog",

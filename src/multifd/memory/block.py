@@ -8,7 +8,9 @@ import errno
 import hashlib
 import mmap
 import os
+import sys
 import threading
+from collections.abc import Iterator
 from typing import Any, Self
 
 import numpy as np
@@ -48,7 +50,36 @@ def _validate_size(name: str, size: int) -> int:
             f"RAMBlock {name!r}: size {size} bytes is not a non-zero multiple of the "
             f"page size {PAGE_SIZE} (nearest valid: {rounded})"
         )
+    # mmap lengths and file offsets are signed: beyond this the call cannot even be made.
+    if size > sys.maxsize:
+        raise ValueError(
+            f"RAMBlock {name!r}: size {size} bytes is more than this machine can map "
+            f"(at most {sys.maxsize // PAGE_SIZE * PAGE_SIZE})"
+        )
     return size
+
+
+@contextlib.contextmanager
+def _naming(name: str, doing: str) -> Iterator[None]:
+    """An OSError from a system call says which block, and what it was doing."""
+    try:
+        yield
+    except OSError as exc:
+        raise OSError(exc.errno, f"RAMBlock {name!r}: {doing}: {exc.strerror}") from None
+
+
+class FileTooShortError(ValueError):
+    """`from_file` without `create`: the file holds fewer bytes than the block's size."""
+
+    def __init__(self, name: str, path: str, length: int, size: int) -> None:
+        self.name = name
+        self.path = path
+        self.length = length
+        self.size = size
+        super().__init__(
+            f"RAMBlock {name!r}: file {path!r} has {length} bytes, fewer than "
+            f"size {size}; pass create=True to extend it"
+        )
 
 
 class MarkLog:
@@ -132,7 +163,8 @@ class RAMBlock:
         validate_name(name)
         _validate_size(name, size)
         flags = mmap.MAP_SHARED if shared else mmap.MAP_PRIVATE
-        mapping = mmap.mmap(-1, size, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        with _naming(name, f"map {size} bytes of anonymous memory"):
+            mapping = mmap.mmap(-1, size, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE)
         kind = "shared-anonymous" if shared else "anonymous"
         return cls(name, mapping, kind=kind, mapping=mapping)._fresh()
 
@@ -155,10 +187,8 @@ class RAMBlock:
             _validate_size(name, size)
         path = os.fspath(path)
         flags = os.O_RDWR | os.O_CLOEXEC | (os.O_CREAT if create else 0)
-        try:
+        with _naming(name, f"open {path!r}"):
             fd = os.open(path, flags, 0o600)
-        except OSError as exc:
-            raise OSError(exc.errno, f"RAMBlock {name!r}: open {path!r}: {exc.strerror}") from None
         # Kept open for `alias()`; the mapping alone would keep the file alive.
         try:
             length = os.fstat(fd).st_size
@@ -169,12 +199,11 @@ class RAMBlock:
                 size = _validate_size(name, length)
             elif length < size:
                 if not create:
-                    raise ValueError(
-                        f"RAMBlock {name!r}: file {path!r} has {length} bytes, fewer than "
-                        f"size {size}; pass create=True to extend it"
-                    )
-                os.ftruncate(fd, size)
-            mapping = mmap.mmap(fd, size, flags=mmap.MAP_SHARED)
+                    raise FileTooShortError(name, path, length, size)
+                with _naming(name, f"extend {path!r} to {size} bytes"):
+                    os.ftruncate(fd, size)
+            with _naming(name, f"map {size} bytes of {path!r}"):
+                mapping = mmap.mmap(fd, size, flags=mmap.MAP_SHARED)
         except BaseException:
             os.close(fd)
             raise
@@ -190,8 +219,9 @@ class RAMBlock:
         label = f"multifd:{name}".encode()[:_MEMFD_NAME_BYTES].decode("utf-8", "ignore")
         fd = os.memfd_create(label, os.MFD_CLOEXEC)
         try:
-            os.ftruncate(fd, size)
-            mapping = mmap.mmap(fd, size, flags=mmap.MAP_SHARED)
+            with _naming(name, f"map {size} bytes of shared memory"):
+                os.ftruncate(fd, size)
+                mapping = mmap.mmap(fd, size, flags=mmap.MAP_SHARED)
         except BaseException:
             os.close(fd)
             raise
@@ -284,10 +314,8 @@ class RAMBlock:
             raise ValueError(f"RAMBlock {self._name!r} is closed")
         if self._fd is None:
             return None
-        try:
+        with _naming(self._name, "alias"):
             mapping = mmap.mmap(self._fd, self.used_length, flags=mmap.MAP_SHARED)
-        except OSError as exc:
-            raise OSError(exc.errno, f"RAMBlock {self._name!r}: alias: {exc.strerror}") from None
         return RAMBlock(self._name, mapping, kind=self._kind, mapping=mapping, path=self._path)
 
     def take_untouched(self) -> bool:
