@@ -63,6 +63,29 @@ def test_a_source_block_file_must_exist(tmp_path: Path) -> None:
         open_blocks([BlockSpec.parse(f"pc.ram=64K@{tmp_path / 'missing'}")], create=False)
 
 
+def test_a_short_source_block_file_is_refused_with_options_that_would_work(
+    tmp_path: Path,
+) -> None:
+    """A source sends the file as it is: the advice is an option to give, not the
+    library's create=True (which only a destination uses)."""
+    small, odd = tmp_path / "small", tmp_path / "odd"
+    small.write_bytes(b"\1" * 8192)
+    odd.write_bytes(b"\1" * 5000)
+    with pytest.raises(OptionError) as refused:
+        open_blocks([BlockSpec.parse(f"a=4M@{small}")], create=False)
+    assert str(refused.value) == (
+        f"block 'a': {small} has 8192 bytes, fewer than the 4M given; "
+        f"give the file's size (--block a=8K@{small}) or a file of at least 4194304 bytes"
+    )
+    with pytest.raises(OptionError) as refused:
+        open_blocks([BlockSpec.parse(f"a=8K@{odd}")], create=False)
+    assert str(refused.value) == (
+        f"block 'a': {odd} has 5000 bytes, fewer than the 8K given; "
+        "give a file of at least 8192 bytes"
+    )
+    assert small.read_bytes() == b"\1" * 8192 and odd.stat().st_size == 5000
+
+
 def test_duplicate_block_names_are_refused() -> None:
     with pytest.raises(OptionError, match=r"block names must be unique: pc\.ram"):
         open_blocks([BlockSpec.parse("pc.ram=8K"), BlockSpec.parse("pc.ram=16K")], create=True)

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..memory import RAMBlock
+from ..memory import PAGE_SIZE, FileTooShortError, RAMBlock
 from ..migration.params import (
     OWN_CAPABILITIES,
     QEMU_CAPABILITIES,
@@ -37,6 +37,14 @@ def parse_size(text: str) -> int:
     return int(float(match["number"]) * (1 << _SHIFTS[match["suffix"].lower()]))
 
 
+def format_size(size: int) -> str:
+    """The shortest spelling that `parse_size` reads back exactly: 8192 → `8K`."""
+    for suffix, shift in sorted(_SHIFTS.items(), key=lambda item: -item[1]):
+        if size >= 1 << shift and size % (1 << shift) == 0:
+            return f"{size >> shift}{suffix.upper()}"
+    return str(size)
+
+
 @dataclass(frozen=True)
 class BlockSpec:
     """A RAM block to create: anonymous memory, or a shared mapping of `path`."""
@@ -59,7 +67,18 @@ class BlockSpec:
         """The block; with a path, `create` makes (or extends) the file."""
         if self.path is None:
             return RAMBlock.anonymous(self.name, self.size)
-        return RAMBlock.from_file(self.name, self.path, self.size, create=create)
+        try:
+            return RAMBlock.from_file(self.name, self.path, self.size, create=create)
+        except FileTooShortError as exc:
+            # Only a destination extends a file: a source sends what the file holds.
+            fix = f"a file of at least {self.size} bytes"
+            if exc.length and exc.length % PAGE_SIZE == 0:
+                fits = f"--block {self.name}={format_size(exc.length)}@{self.path}"
+                fix = f"the file's size ({fits}) or {fix}"
+            raise OptionError(
+                f"block {self.name!r}: {self.path} has {exc.length} bytes, fewer than the "
+                f"{format_size(self.size)} given; give {fix}"
+            ) from None
 
 
 def open_blocks(specs: list[BlockSpec], *, create: bool) -> list[RAMBlock]:
