@@ -13,7 +13,7 @@ from .options import (
     parse_size,
 )
 from .protocol import QMPError, Session
-from .server import QMPServer, parse_qmp_address
+from .server import QMPAddressError, QMPServer, parse_qmp_address
 
 __all__ = [
     "DEFAULT_MAX_MESSAGE",
@@ -25,6 +25,7 @@ __all__ = [
     "JsonSplitter",
     "MigrationCommands",
     "OptionError",
+    "QMPAddressError",
     "QMPError",
     "QMPServer",
     "Role",

@@ -35,13 +35,31 @@ RECV_SIZE = 1 << 16
 _SCHEMES = ("tcp", "unix", "fd", "exec", "file", "vsock", "rdma")
 
 
+QMP_FORMS = "unix:PATH, tcp:HOST:PORT, or a path meaning unix:PATH"
+
+
+class QMPAddressError(ValueError):
+    """A QMP address that cannot be used; the message shows the forms it takes."""
+
+    def __init__(self, address: str, problem: str) -> None:
+        self.address = address
+        self.problem = problem
+        super().__init__(
+            f"invalid QMP address {address!r}: {problem} (accepted forms: {QMP_FORMS})"
+        )
+
+
 def parse_qmp_address(text: str) -> SocketAddress:
     """`unix:PATH`, `tcp:HOST:PORT`, or a bare path meaning `unix:PATH`."""
-    if text.partition(":")[0] not in _SCHEMES:
-        text = f"unix:{text}"
-    target = parse_uri(text)
-    if not isinstance(target, TcpURI | UnixURI):
-        raise URIError(text, "a QMP socket is unix:PATH, tcp:HOST:PORT or a path", show_forms=False)
+    uri = text if text.partition(":")[0] in _SCHEMES else f"unix:{text}"
+    scheme = uri.partition(":")[0]
+    if scheme not in ("tcp", "unix"):
+        raise QMPAddressError(text, f"a QMP socket is not served on {scheme}:")
+    try:
+        target = parse_uri(uri)
+    except URIError as exc:
+        raise QMPAddressError(text, exc.problem) from None
+    assert isinstance(target, TcpURI | UnixURI)
     return target
 
 
