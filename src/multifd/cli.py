@@ -287,10 +287,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "incoming",
         help="receive a migration: a destination daemon, QMP-drivable",
-        description="Listen on URI and receive a migration into the blocks. URI 'defer' "
-        "waits for QMP's migrate-incoming. Exits when the migration completed (0), on "
-        "QMP quit, or on SIGINT/SIGTERM; without --qmp also when it failed. Prints a "
-        "summary like QEMU's HMP 'info migrate'.",
+        description="Listen on URI and receive a migration into the blocks (files at PATH "
+        "are created or extended, and put back if the daemon fails to start). URI 'defer' "
+        "waits for QMP's migrate-incoming. Without --qmp it exits when the migration ends. "
+        "With --qmp it serves QMP and stays after the migration, like QEMU's destination "
+        "running the VM, until QMP quit or SIGINT/SIGTERM. Prints a summary like QEMU's "
+        "HMP 'info migrate'; exit status 0 only if the migration completed.",
     )
     p.add_argument("uri", help="tcp:HOST:PORT, unix:PATH, fd:N, exec:CMD, file:PATH or defer")
     _add_daemon_options(p)

@@ -303,13 +303,156 @@ def test_sigterm_cancels_cleanly(daemon: DaemonFactory, tmp_path: Path, sock_dir
         (["incoming", "unix:/x", "--block", "a=4M", "--set", "speed=1"], "'speed' is unexpected"),
         (["incoming", "unix:/x", "--block", "a=4K@/nonexistent/dir/f"], "No such file"),
         (["migrate", "bogus:uri", "--block", "a=4M"], "unknown migration protocol"),
-        (["incoming", "unix:/x", "--block", "a=4M", "--qmp", "exec:cat"], "a QMP socket is unix:"),
+        (
+            ["incoming", "unix:/x", "--block", "a=4M", "--qmp", "exec:cat"],
+            "invalid QMP address 'exec:cat': a QMP socket is not served on exec: "
+            "(accepted forms: unix:PATH, tcp:HOST:PORT, or a path meaning unix:PATH)",
+        ),
+        (
+            ["incoming", "defer", "--block", "a=4K", "--qmp", "tcp:127.0.0.1:99999"],
+            "invalid QMP address 'tcp:127.0.0.1:99999': port '99999' is not a number",
+        ),
+        (
+            [
+                "incoming",
+                "unix:/nonexistent/../nonexistent/x.sock",
+                "--block",
+                "a=4K",
+                "--qmp",
+                "/nonexistent/x.sock",
+            ],
+            "--qmp unix:/nonexistent/x.sock and the migration URI "
+            "unix:/nonexistent/../nonexistent/x.sock are the same socket",
+        ),
+        (
+            [
+                "migrate",
+                "unix:/nonexistent/x.sock",
+                "--block",
+                "a=4K",
+                "--qmp",
+                "unix:/nonexistent/x.sock",
+            ],
+            "are the same socket: give each its own",
+        ),
+        (
+            ["incoming", "unix:/x", "--block", "pc.ram=99999T"],
+            "RAMBlock 'pc.ram': map 109950063265972224 bytes of anonymous memory: ",
+        ),
     ],
 )
 def test_usage_errors(daemon: DaemonFactory, args: list[str], message: str) -> None:
     proc = daemon(*args)
     assert proc.wait() == 2
     assert message in proc.stderr
+    if "--qmp" in args:  # its errors are its own, not the migration URI's
+        assert "migration URI" not in proc.stderr.replace("and the migration URI", "")
+
+
+def test_incoming_help_says_when_it_exits(daemon: DaemonFactory) -> None:
+    """With --qmp a destination stays after completion (see test_daemons_driven_by_qmp)."""
+    proc = daemon("incoming", "--help")
+    assert proc.wait() == 0
+    text = " ".join(proc.stdout.split())
+    assert "Without --qmp it exits when the migration ends." in text
+    assert "With --qmp it serves QMP and stays after the migration" in text
+    assert "until QMP quit or SIGINT/SIGTERM" in text
+    assert "exit status 0 only if the migration completed" in text
+
+
+def test_a_short_source_file_gets_advice_for_the_command_line(
+    daemon: DaemonFactory, tmp_path: Path
+) -> None:
+    small = tmp_path / "small"
+    small.write_bytes(b"\1" * 8192)
+    proc = daemon("migrate", "unix:/x", "--block", f"a=4M@{small}")
+    assert proc.wait() == 2
+    assert proc.stderr == (
+        f"multifd migrate: error: block 'a': {small} has 8192 bytes, fewer than the 4M given; "
+        f"give the file's size (--block a=8K@{small}) or a file of at least 4194304 bytes\n"
+    )
+
+
+def block_files(directory: Path) -> tuple[list[str], Callable[[], dict[str, tuple[int, bytes]]]]:
+    """--block options for a missing file, a short one and one of the right size,
+    and a look at what the directory holds (each file's mtime and content)."""
+    (directory / "short").write_bytes(os.urandom(8192))
+    (directory / "fits").write_bytes(os.urandom(4 << 20))
+    os.utime(directory / "fits", ns=(10**18, 10**18))
+    args = ["--block", f"a=4M@{directory / 'new'}", "--block", f"b=8M@{directory / 'short'}"]
+    args += ["--block", f"c=4M@{directory / 'fits'}"]
+
+    def look() -> dict[str, tuple[int, bytes]]:
+        return {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in directory.iterdir()}
+
+    return args, look
+
+
+def test_a_failed_start_leaves_the_block_files_as_they_were(
+    daemon: DaemonFactory, tmp_path: Path, sock_dir: Path
+) -> None:
+    files = tmp_path / "blocks"
+    files.mkdir()
+    blocks, look = block_files(files)
+    before = look()
+    # A URI refused before any file is touched, a socket that cannot be bound
+    # after the blocks are open, and a QMP address in use.
+    (sock_dir / "busy.qmp").touch()
+    for args in (
+        ["bogus:uri"],
+        [f"unix:{sock_dir / 'no' / 'such' / 'dir.sock'}"],
+        [f"unix:{sock_dir / 'm.sock'}", "--qmp", str(sock_dir / "busy.qmp")],
+    ):
+        proc = daemon("incoming", *args, *blocks)
+        assert proc.wait() == 2, proc.stderr
+        assert "error:" in proc.stderr
+        assert look() == before, args
+    assert not (sock_dir / "m.sock").exists()
+
+
+def test_a_second_daemon_leaves_a_running_ones_sockets_alone(
+    daemon: DaemonFactory, tmp_path: Path, sock_dir: Path
+) -> None:
+    qmp, migration = sock_dir / "q.sock", sock_dir / "m.sock"
+    args = ["incoming", f"unix:{migration}", "--block", "a=4K", "--qmp", str(qmp)]
+    first = daemon(*args, label="first")
+    first.wait_for_path(qmp)
+    first.wait_for_path(migration)
+    identities = {p: p.stat().st_ino for p in (qmp, migration)}
+    second = daemon(*args, label="second")
+    assert second.wait() == 2
+    assert second.stderr == (
+        f"multifd incoming: error: listener: cannot listen on unix:{qmp}: "
+        f"[Errno 98] address in use: another process listens on {qmp}\n"
+    )
+    third = daemon("incoming", f"unix:{migration}", "--block", "a=4K", label="third")
+    assert third.wait() == 2
+    assert f"address in use: another process listens on {migration}" in third.stderr
+    assert {p: p.stat().st_ino for p in (qmp, migration)} == identities
+
+    async def still_served() -> None:
+        client = await connect_when_up(qmp, first)
+        try:
+            assert (await ask(client, "query-status"))["status"] == "inmigrate"
+        finally:
+            await hang_up(client)
+
+    run(still_served())
+    # Killed, it leaves both socket files behind: the next daemon takes them over.
+    first.kill()
+    assert qmp.exists() and migration.exists()
+    fourth = daemon(*args, label="fourth")
+
+    async def taken_over() -> None:
+        client = await connect_when_up(qmp, fourth)
+        try:
+            assert await client.execute("quit") == {}
+        finally:
+            await hang_up(client)
+
+    run(taken_over())
+    assert fourth.wait() == 1  # quit before any source came
+    assert f"waiting for a migration on unix:{migration}" in fourth.stderr
 
 
 def test_the_daemon_shows_a_refused_connection(daemon: DaemonFactory, sock_dir: Path) -> None:

@@ -4,6 +4,7 @@ QMP server, and when to stop (completion, `quit`, or a signal that cancels clean
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import time
 from collections.abc import Callable, Iterator
@@ -11,13 +12,14 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
+from ..channels import MigrationURI, TcpURI, UnixURI, parse_uri
 from ..memory import RAMBlock
 from ..migration.destination import MigrationDestination
 from ..migration.source import MigrationSource
 from ..migration.state import MigrationStatus
 from .commands import MigrationCommands
-from .options import BlockSpec, OptionError, open_blocks
-from .server import QMPServer
+from .options import BlockSpec, FilesBefore, OptionError, open_blocks
+from .server import QMPServer, SocketAddress, parse_qmp_address
 
 POLL_INTERVAL = 0.1  # seconds between looks at the endpoint, the server and signals
 DEFER = "defer"  # QEMU's `-incoming defer`: wait for migrate-incoming
@@ -56,8 +58,18 @@ class Daemon:
             )
         if not options.blocks:
             raise OptionError("at least one --block NAME=SIZE[@PATH] is needed")
-        self.qmp = options.qmp
-        self.blocks: list[RAMBlock] = open_blocks(options.blocks, create=role is Role.INCOMING)
+        # Checked before a block file is created or extended.
+        target = None if self.uri is None else parse_uri(self.uri)
+        self.qmp = None if options.qmp is None else parse_qmp_address(options.qmp)
+        _check_apart(target, self.qmp)
+        create = role is Role.INCOMING
+        # Kept until start() succeeds: a daemon that never served puts its files back.
+        self._files_before: FilesBefore | None = FilesBefore.of(options.blocks) if create else None
+        try:
+            self.blocks: list[RAMBlock] = open_blocks(options.blocks, create=create)
+        except BaseException:
+            self._restore_files()
+            raise
         self.endpoint: MigrationSource | MigrationDestination
         try:
             kind = MigrationDestination if role is Role.INCOMING else MigrationSource
@@ -85,6 +97,7 @@ class Daemon:
         except BaseException:
             self.close()
             raise
+        self._files_before = None
 
     def request_stop(self, signum: int) -> None:
         """From a signal handler: only records it; `run` does the rest."""
@@ -118,12 +131,33 @@ class Daemon:
     def _close_blocks(self) -> None:
         for block in self.blocks:
             block.close()
+        self._restore_files()
+
+    def _restore_files(self) -> None:
+        if self._files_before is not None:
+            self._files_before.restore()
+            self._files_before = None
 
     def __enter__(self) -> Daemon:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def _check_apart(migration: MigrationURI | None, qmp: SocketAddress | None) -> None:
+    """One socket cannot be both: the migration's listener would replace the QMP
+    socket (or a source would send its stream to its own QMP server)."""
+    if migration is None or qmp is None:
+        return
+    if isinstance(migration, UnixURI) and isinstance(qmp, UnixURI):
+        same = os.path.realpath(migration.path) == os.path.realpath(qmp.path)
+    else:
+        same = migration == qmp and isinstance(qmp, TcpURI) and qmp.port != 0
+    if same:
+        raise OptionError(
+            f"--qmp {qmp} and the migration URI {migration} are the same socket: give each its own"
+        )
 
 
 @contextlib.contextmanager

@@ -3,6 +3,8 @@ capabilities as NAME=on|off and parameters as NAME=VALUE, checked before anythin
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,6 +98,45 @@ def open_blocks(specs: list[BlockSpec], *, create: bool) -> list[RAMBlock]:
             block.close()
         raise
     return blocks
+
+
+@dataclass(frozen=True)
+class FilesBefore:
+    """The block files a destination is about to create or extend, as they are now:
+    a daemon that fails to start puts them back, so that it leaves nothing changed."""
+
+    missing: tuple[Path, ...] = ()
+    shorter: tuple[tuple[Path, os.stat_result], ...] = ()
+
+    @classmethod
+    def of(cls, specs: list[BlockSpec]) -> FilesBefore:
+        missing: dict[Path, None] = {}
+        shorter: dict[Path, os.stat_result] = {}
+        for spec in specs:
+            if spec.path is None or spec.path in missing or spec.path in shorter:
+                continue
+            try:
+                status = spec.path.stat()
+            except FileNotFoundError:
+                missing[spec.path] = None
+                continue
+            except OSError:
+                continue  # opening it fails too, and changes nothing
+            if status.st_size < spec.size:
+                shorter[spec.path] = status
+        return cls(tuple(missing), tuple(shorter.items()))
+
+    def restore(self) -> None:
+        """Remove the files that were missing, cut the others back to their length
+        and times (after the blocks are closed). Best effort: it runs on the way
+        out of another error."""
+        for path in self.missing:
+            with contextlib.suppress(OSError):
+                path.unlink()
+        for path, status in self.shorter:
+            with contextlib.suppress(OSError):
+                os.truncate(path, status.st_size)
+                os.utime(path, ns=(status.st_atime_ns, status.st_mtime_ns))
 
 
 def parse_capability(text: str) -> tuple[str, bool]:
