@@ -63,11 +63,17 @@ def test_growth_counts_from_when_sampling_starts() -> None:
 
 
 def test_a_process_that_exits_while_sampled_reads_as_nothing_more() -> None:
+    # The child lives until the sampler has started (a loaded machine may take
+    # longer than any fixed sleep to start it), then exits while sampled.
+    read_end, write_end = os.pipe()
     pid = os.fork()
     if pid == 0:
-        time.sleep(0.05)
+        os.close(write_end)
+        os.read(read_end, 1)
         os._exit(0)
+    os.close(read_end)
     with PeakSampler(pid=pid, field="VmRSS", every=0.005) as sampler:
+        os.close(write_end)
         os.waitpid(pid, 0)
         time.sleep(0.03)
     assert sampler.peak >= sampler.before > 0
