@@ -40,7 +40,7 @@ from .progress import (
     render_summary,
 )
 from .qemu.qmp import QMPError
-from .qemu.snapshot import SnapshotError, restore, save
+from .qemu.snapshot import SnapshotError, SnapshotStopped, StopRequest, restore, save
 
 
 def _analyze(args: argparse.Namespace) -> int:
@@ -201,37 +201,65 @@ def _add_daemon_options(p: argparse.ArgumentParser) -> None:
 
 def _save(args: argparse.Namespace) -> int:
     console = Console(stderr=True)
+    stop = StopRequest()
     try:
-        with Live(console=console, refresh_per_second=8, transient=True) as live:
+        with (
+            stop_on_signals(stop),  # type: ignore[arg-type]  # needs only request_stop
+            Live(console=console, refresh_per_second=8, transient=True) as live,
+        ):
             manifest = save(
                 args.qmp,
                 args.dir,
                 channels=args.channels,
                 compression=args.compression,
                 progress=lambda qemu, ours: live.update(qemu_progress_table(qemu, ours)),
+                stop=stop,
             )
+    except SnapshotStopped as exc:
+        assert stop.signal is not None
+        name = signal.Signals(stop.signal).name
+        print(f"multifd save: stopped by {name}: {exc}", file=sys.stderr)
+        return 1
     except (SnapshotError, QMPError, ConnectionError, OSError, MigrationConfigError) as exc:
         print(f"multifd save: error: {exc}", file=sys.stderr)
         return 1
+    if stop.signal is not None:
+        name = signal.Signals(stop.signal).name
+        print(
+            f"multifd save: {name} came as QEMU completed: the snapshot is whole", file=sys.stderr
+        )
     render_snapshot(manifest, Console())
     return 0
 
 
 def _restore(args: argparse.Namespace) -> int:
     console = Console(stderr=True)
+    stop = StopRequest()
     try:
-        with Live(console=console, refresh_per_second=8, transient=True) as live:
+        with (
+            stop_on_signals(stop),  # type: ignore[arg-type]  # needs only request_stop
+            Live(console=console, refresh_per_second=8, transient=True) as live,
+        ):
             result = restore(
                 args.dir,
                 args.qmp,
                 channels=args.channels,
                 compression=args.compression,
                 progress=lambda qemu, ours: live.update(qemu_progress_table(qemu, ours)),
+                stop=stop,
             )
+    except SnapshotStopped as exc:
+        assert stop.signal is not None
+        name = signal.Signals(stop.signal).name
+        print(f"multifd restore: stopped by {name}: {exc}", file=sys.stderr)
+        return 1
     except (SnapshotError, QMPError, ConnectionError, OSError, MigrationConfigError) as exc:
         print(f"multifd restore: error: {exc}", file=sys.stderr)
         return 1
-    Console().print(info_migrate_text(result["source"], {}))
+    if stop.signal is not None:
+        name = signal.Signals(stop.signal).name
+        print(f"multifd restore: {name} came as QEMU completed: it was restored", file=sys.stderr)
+    Console().print(info_migrate_text(result["source"], result["capabilities"]))
     Console().print(
         f"QEMU: migration {result['query-migrate']['status']}, "
         f"VM {result['query-status']['status']}"

@@ -24,9 +24,17 @@ class QMPError(RuntimeError):
 
 
 def _address(spec: str) -> tuple[int, Any]:
+    """unix:PATH, tcp:HOST:PORT or a path; a ConnectionError names a bad one."""
     if spec.startswith("tcp:"):
         host, _, port = spec[4:].rpartition(":")
-        return socket.AF_INET, (host.strip("[]"), int(port))
+        if not (port.isdecimal() and int(port) <= 65535):
+            raise ConnectionError(
+                f"QMP {spec}: the port {port!r} is not a number from 0 to 65535 "
+                "(give tcp:HOST:PORT, unix:PATH or a path)"
+            )
+        host = host.strip("[]")
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        return family, (host, int(port))
     return socket.AF_UNIX, spec[5:] if spec.startswith("unix:") else spec
 
 
@@ -36,6 +44,7 @@ class QMPConnection:
     def __init__(self, address: str, timeout: float = 30.0) -> None:
         family, target = _address(address)
         self.address = address
+        self._timeout = timeout
         self._sock = socket.socket(family, socket.SOCK_STREAM)
         self._sock.settimeout(timeout)
         try:
@@ -45,7 +54,11 @@ class QMPConnection:
             raise ConnectionError(f"QMP {address}: cannot connect: {exc}") from None
         self._file = self._sock.makefile("rb")
         self.events: list[dict[str, Any]] = []
-        greeting = self._read()
+        try:
+            greeting = self._read()
+        except OSError:
+            self.close()
+            raise
         if "QMP" not in greeting:
             self.close()
             raise ConnectionError(f"QMP {address}: not a QMP greeting: {greeting!r}")
@@ -53,10 +66,23 @@ class QMPConnection:
         self.execute("qmp_capabilities")
 
     def _read(self) -> dict[str, Any]:
-        line = self._file.readline(MAX_MESSAGE)
+        try:
+            line = self._file.readline(MAX_MESSAGE)
+        except TimeoutError:
+            raise TimeoutError(f"QMP {self.address}: no answer in {self._timeout:g} s") from None
         if not line:
             raise ConnectionError(f"QMP {self.address}: QEMU closed the connection")
-        return json.loads(line)
+        try:
+            message = json.loads(line)
+        except ValueError:
+            message = None
+        if not isinstance(message, dict):
+            # Something else listens there (or the line was longer than any QMP message).
+            raise ConnectionError(
+                f"QMP {self.address}: not a QMP peer: it sent {line[:80]!r}"
+                + ("…" if len(line) > 80 else "")
+            )
+        return message
 
     def execute(self, command: str, arguments: dict[str, Any] | None = None) -> Any:
         request: dict[str, Any] = {"execute": command}
@@ -77,8 +103,7 @@ class QMPConnection:
                 return message.get("return")
         except TimeoutError as exc:
             raise TimeoutError(
-                f"QEMU's QMP at {self.address} did not answer {command} "
-                f"within {self._sock.gettimeout():g} s"
+                f"QEMU's QMP at {self.address} did not answer {command} within {self._timeout:g} s"
             ) from exc
         except OSError as exc:
             raise ConnectionError(

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +22,7 @@ from .. import __version__
 from ..analyze.replay import block_file_name
 from ..memory import RAMBlock
 from ..migration.destination import MigrationDestination
+from ..migration.params import MigrationSettings
 from ..migration.source import MigrationSource
 from ..wire import BufferSource, RamBlockEntry, Reader, SectionFooter, WireError
 from ..wire.stream import Configuration, EndOfFile, VMDescription, read_configuration
@@ -41,6 +44,28 @@ Progress = Callable[[dict[str, Any], dict[str, Any]], None]
 
 class SnapshotError(RuntimeError):
     """A save or restore that cannot go on; the message says why."""
+
+
+class SnapshotStopped(SnapshotError):
+    """A save or restore ended by its `StopRequest`; the message says what
+    became of the migration and of QEMU."""
+
+
+class StopRequest:
+    """Asks a running save or restore to stop, from a signal handler (as the
+    daemons' `stop_on_signals` does): it only records the signal, and save and
+    restore act on it where they wait, so that QEMU is told to cancel and the
+    partial snapshot and the temporary socket are removed."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+
+    def request_stop(self, signum: int) -> None:
+        self.signal = signum
+
+    @property
+    def requested(self) -> bool:
+        return self.signal is not None
 
 
 def _uuid(qemu: QMPConnection) -> bytes:
@@ -120,6 +145,40 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _check_settings(channels: int, compression: str) -> None:
+    """QEMU's own range and choice checks, before anything is created or sent."""
+    MigrationSettings(parameters={"multifd-channels": channels, "multifd-compression": compression})
+
+
+def _check_new_folder(folder: Path) -> None:
+    if not folder.exists():
+        return
+    if not folder.is_dir():
+        raise SnapshotError(f"{folder} is not a folder")
+    if (folder / MANIFEST).exists():
+        raise SnapshotError(f"{folder} already holds a snapshot ({MANIFEST}); use a new folder")
+    if any(folder.iterdir()):
+        # Block files are named after QEMU's blocks: a file of the user's could be overwritten.
+        raise SnapshotError(f"{folder} is not empty: save into a new or empty folder")
+
+
+@contextmanager
+def _removed_on_failure(folder: Path) -> Iterator[None]:
+    """Create `folder` (and missing parents) for a save; if the save fails,
+    remove what it created, or empty the folder again if it was there (empty)."""
+    missing = [p for p in (folder, *folder.parents) if not p.exists()]
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        yield
+    except BaseException:
+        if missing:
+            shutil.rmtree(missing[-1], ignore_errors=True)
+        else:
+            for entry in folder.iterdir():
+                entry.unlink(missing_ok=True)  # a save writes only files there
+        raise
+
+
 def save(
     qmp: str,
     folder: str | Path,
@@ -129,13 +188,17 @@ def save(
     return_path: bool = False,
     progress: Progress | None = None,
     timeout: float = 600.0,
+    stop: StopRequest | None = None,
 ) -> dict[str, Any]:
-    """Migrate the QEMU at `qmp` into `folder`; returns the manifest written there.
-    With `return_path`, QEMU completes only once we said we loaded everything."""
+    """Migrate the QEMU at `qmp` into `folder` (new or empty); returns the
+    manifest written there. With `return_path`, QEMU completes only once we said
+    we loaded everything. What can be checked is checked before `folder` is
+    created; a failed save removes what it wrote, and a stopped one also cancels
+    QEMU's migration, so that its VM goes on as before."""
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    if (folder / MANIFEST).exists():
-        raise SnapshotError(f"{folder} already holds a snapshot ({MANIFEST}); use a new folder")
+    stop = stop or StopRequest()
+    _check_settings(channels, compression)
+    _check_new_folder(folder)
     blocks: list[RAMBlock] = []
 
     def make_blocks(entries: Sequence[RamBlockEntry]) -> list[RAMBlock]:
@@ -144,7 +207,7 @@ def save(
             blocks.append(RAMBlock.from_file(entry.name, path, entry.used_length, create=True))
         return blocks
 
-    with QMPConnection(qmp) as qemu, tempfile.TemporaryDirectory(prefix="multifd-") as tmp:
+    with QMPConnection(qmp) as qemu:
         version = qemu.execute("query-version")
         status = qemu.execute("query-status")["status"]
         if status in ("inmigrate", "postmigrate", "finish-migrate"):
@@ -157,23 +220,55 @@ def save(
             parameters={"multifd-channels": channels, "multifd-compression": compression},
             uuid=_uuid(qemu),
         )
-        try:
-            _configure(qemu, channels, compression, source=True, return_path=return_path)
-            uri = destination.incoming(f"unix:{tmp}/save.sock")
-            qemu.execute("migrate", {"uri": uri})
-            qemu_info = _wait_both(qemu, destination, progress, timeout)
-            ours = _wait_destination(destination, qemu_info, timeout)
-        finally:
-            destination.cancel()
-            for block in blocks:
-                block.close()
-        # Our incoming side shows no status until the source's channels are all here.
-        if qemu_info.get("status") != "completed" or ours.get("status") != "completed":
-            raise SnapshotError(
-                "migration did not complete: QEMU "
-                f"{qemu_info.get('status')} ({qemu_info.get('error-desc', 'no error')}), "
-                f"destination {ours.get('status', 'none')} ({ours.get('error-desc', 'no error')})"
+        if stop.requested:
+            raise SnapshotStopped("nothing was saved")
+        with _removed_on_failure(folder), tempfile.TemporaryDirectory(prefix="multifd-") as tmp:
+            try:
+                _configure(qemu, channels, compression, source=True, return_path=return_path)
+                uri = destination.incoming(f"unix:{tmp}/save.sock")
+                qemu.execute("migrate", {"uri": uri})
+                qemu_info = _wait_both(qemu, destination, progress, timeout, stop)
+                # A stop that came as QEMU completed is too late: the snapshot is whole.
+                if stop.requested and qemu_info.get("status") != "completed":
+                    raise SnapshotStopped(
+                        f"QEMU's migration was {qemu_info.get('status')}: its VM goes on "
+                        "as before; nothing was saved"
+                    )
+                ours = _wait_destination(destination, qemu_info, timeout)
+            finally:
+                destination.cancel()
+                for block in blocks:
+                    block.close()
+            # Our incoming side shows no status until the source's channels are all here.
+            if qemu_info.get("status") != "completed" or ours.get("status") != "completed":
+                raise SnapshotError(
+                    "migration did not complete: QEMU "
+                    f"{qemu_info.get('status')} ({qemu_info.get('error-desc', 'no error')}), "
+                    f"destination {ours.get('status', 'none')} "
+                    f"({ours.get('error-desc', 'no error')})"
+                )
+            return _write_snapshot(
+                folder,
+                destination,
+                blocks,
+                {
+                    "qemu-version": version,
+                    "base-memory": base_memory,
+                    "channels": channels,
+                    "compression": compression,
+                    "query-migrate": qemu_info,
+                    "destination": ours,
+                },
             )
+
+
+def _write_snapshot(
+    folder: Path,
+    destination: MigrationDestination,
+    blocks: list[RAMBlock],
+    facts: dict[str, Any],
+) -> dict[str, Any]:
+    """Write the configuration, the device state and the manifest (with `facts`)."""
     assert destination.configuration is not None and destination.ram_section_id is not None
     (folder / CONFIGURATION_FILE).write_bytes(destination.configuration.pack())
     device_state = (
@@ -190,12 +285,12 @@ def save(
         "format": FORMAT,
         "created-by": f"multifd {__version__}",
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "qemu-version": version,
+        "qemu-version": facts["qemu-version"],
         "machine-type": destination.configuration.machine_type,
-        "base-memory": base_memory,
+        "base-memory": facts["base-memory"],
         "ram-section-id": destination.ram_section_id,
-        "channels": channels,
-        "compression": compression,
+        "channels": facts["channels"],
+        "compression": facts["compression"],
         "blocks": [
             {
                 "name": block.name,
@@ -206,8 +301,8 @@ def save(
             for block in blocks
         ],
         "device-sections": [r.header.idstr for r in destination.device_state],
-        "query-migrate": qemu_info,
-        "destination": ours,
+        "query-migrate": facts["query-migrate"],
+        "destination": facts["destination"],
     }
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=1))
     return manifest
@@ -218,6 +313,7 @@ def _wait_both(
     destination: MigrationDestination,
     progress: Progress | None,
     timeout: float,
+    stop: StopRequest,
 ) -> dict[str, Any]:
     """Poll QEMU and our destination until QEMU's migration has ended."""
     deadline = time.monotonic() + timeout
@@ -229,8 +325,9 @@ def _wait_both(
                 progress(info, ours)
             if info.get("status") in ("completed", "failed", "cancelled"):
                 return info
-            if ours.get("status") in ("failed", "cancelled"):
-                # Our side gave up: stop QEMU too, so it does not wait forever.
+            if stop.requested or ours.get("status") in ("failed", "cancelled"):
+                # Asked to stop, or our side gave up: cancel QEMU's side too, so
+                # that it does not wait forever and its VM goes on as before.
                 qemu.execute("migrate_cancel")
             if time.monotonic() > deadline:
                 qemu.execute("migrate_cancel")
@@ -243,7 +340,34 @@ def _wait_both(
         raise SnapshotError(f"{exc}; {_destination_state(ours)}") from exc
 
 
+# What restore reads from a manifest, and the JSON type each must have.
+MANIFEST_MEMBERS = {"base-memory": int, "ram-section-id": int, "channels": int, "blocks": list}
+BLOCK_MEMBERS = {"name": str, "used_length": int, "file": str}
+JSON_TYPES = {dict: "an object", list: "an array", str: "a string", int: "an integer"}
+
+
+def _json_type(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true or false"
+    return JSON_TYPES.get(type(value), "null" if value is None else "a number")
+
+
+def _check_members(path: Path, where: str, value: Any, members: dict[str, type]) -> None:
+    if not isinstance(value, dict):
+        raise SnapshotError(f"{path}: {where} is {_json_type(value)}, not an object")
+    for name, kind in members.items():
+        if name not in value:
+            raise SnapshotError(f"{path}: {where} has no {name!r}")
+        member = value[name]
+        if _json_type(member) != JSON_TYPES[kind] or (kind is int and member < 0):
+            raise SnapshotError(
+                f"{path}: {where}'s {name!r} is {member!r}, not "
+                + ("a non-negative integer" if kind is int else JSON_TYPES[kind])
+            )
+
+
 def load_manifest(folder: Path) -> dict[str, Any]:
+    """The manifest of the snapshot in `folder`, with every member restore uses checked."""
     path = folder / MANIFEST
     try:
         manifest = json.loads(path.read_text())
@@ -251,9 +375,58 @@ def load_manifest(folder: Path) -> dict[str, Any]:
         raise SnapshotError(f"{folder} is not a snapshot: {MANIFEST} is missing") from None
     except ValueError as exc:
         raise SnapshotError(f"{path}: not valid JSON ({exc})") from None
+    _check_members(path, "the manifest", manifest, {})
     if manifest.get("format") != FORMAT:
         raise SnapshotError(f"{path}: format {manifest.get('format')!r}, expected {FORMAT}")
+    _check_members(path, "the manifest", manifest, MANIFEST_MEMBERS)
+    if not manifest["blocks"]:
+        raise SnapshotError(f"{path}: 'blocks' is empty")
+    for i, block in enumerate(manifest["blocks"]):
+        _check_members(path, f"blocks[{i}]", block, BLOCK_MEMBERS)
+        # Restore reads and maps these files: none outside the folder.
+        if block["file"] in ("", ".", "..") or Path(block["file"]).name != block["file"]:
+            raise SnapshotError(
+                f"{path}: blocks[{i}]'s 'file' is {block['file']!r}, not a file name"
+            )
+    names = [block["name"] for block in manifest["blocks"]]
+    if len(set(names)) != len(names):
+        raise SnapshotError(f"{path}: a block name comes twice in {names}")
     return manifest
+
+
+def _read_snapshot_file(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise SnapshotError(f"{path}: cannot read it ({exc.strerror})") from None
+
+
+def _open_blocks(folder: Path, manifest: dict[str, Any]) -> list[RAMBlock]:
+    """Every block file, each checked against the manifest."""
+    blocks: list[RAMBlock] = []
+    try:
+        for entry in manifest["blocks"]:
+            path = folder / entry["file"]
+            try:
+                size = path.stat().st_size
+            except FileNotFoundError:
+                raise SnapshotError(
+                    f"{path} is missing: the snapshot's block {entry['name']!r} is not there"
+                ) from None
+            if size != entry["used_length"]:
+                raise SnapshotError(
+                    f"{path} has {size} bytes, but the snapshot's block {entry['name']!r} "
+                    f"has {entry['used_length']}: the file was changed after the save"
+                )
+            try:
+                blocks.append(RAMBlock.from_file(entry["name"], path, entry["used_length"]))
+            except ValueError as exc:  # a name no RAM block can have
+                raise SnapshotError(f"{folder / MANIFEST}: {exc}") from None
+    except BaseException:
+        for block in blocks:
+            block.close()
+        raise
+    return blocks
 
 
 def restore(
@@ -265,67 +438,86 @@ def restore(
     return_path: bool = False,
     progress: Progress | None = None,
     timeout: float = 600.0,
+    stop: StopRequest | None = None,
 ) -> dict[str, Any]:
     """Feed the snapshot in `folder` to the QEMU at `qmp` (started with
-    `-incoming defer`), over `channels` multifd channels compressed with
-    `compression`; returns QEMU's final query-migrate and query-status. With
-    `return_path`, our source completes only once QEMU said it loaded everything."""
+    `-incoming defer`), over `channels` multifd channels (default: as saved)
+    compressed with `compression`; returns QEMU's final query-migrate and
+    query-status, our source's query-migrate and the capabilities it used. With
+    `return_path`, our source completes only once QEMU said it loaded everything.
+
+    Everything in the folder is read and checked before QEMU is told to listen:
+    a QEMU destination takes one incoming migration only."""
     folder = Path(folder)
+    stop = stop or StopRequest()
     manifest = load_manifest(folder)
-    channels = channels or manifest["channels"]
-    raw_config = (folder / CONFIGURATION_FILE).read_bytes()
+    channels = manifest["channels"] if channels is None else channels
+    _check_settings(channels, compression)
+    raw_config = _read_snapshot_file(folder / CONFIGURATION_FILE)
     reader = Reader(BufferSource(raw_config[1:]))
     try:
         configuration, _ = read_configuration(reader)
     except WireError as exc:
         raise SnapshotError(f"{folder / CONFIGURATION_FILE}: {exc}") from None
-    device_state = (folder / DEVICE_STATE_FILE).read_bytes()
-    with QMPConnection(qmp) as qemu, tempfile.TemporaryDirectory(prefix="multifd-") as tmp:
-        status = qemu.execute("query-status")["status"]
-        if status != "inmigrate":
-            raise SnapshotError(
-                f"QEMU at {qmp} is not waiting for an incoming migration (status {status!r}): "
-                "start it with -incoming defer"
+    device_state = _read_snapshot_file(folder / DEVICE_STATE_FILE)
+    blocks = _open_blocks(folder, manifest)
+    try:
+        with QMPConnection(qmp) as qemu, tempfile.TemporaryDirectory(prefix="multifd-") as tmp:
+            status = qemu.execute("query-status")["status"]
+            if status != "inmigrate":
+                raise SnapshotError(
+                    f"QEMU at {qmp} is not waiting for an incoming migration "
+                    f"(status {status!r}): start it with -incoming defer"
+                )
+            _check_destination(qemu, manifest, configuration)
+            _check_block_files(folder, manifest)
+            source = MigrationSource(
+                blocks,
+                capabilities={"multifd": True, "return-path": return_path},
+                parameters={
+                    "multifd-channels": channels,
+                    "multifd-compression": compression,
+                    "max-bandwidth": 0,
+                    "x-dirty-tracker": "explicit",
+                },
+                configuration=configuration,
+                device_state=device_state,
+                ram_section_id=manifest["ram-section-id"],
+                uuid=_uuid(qemu),
             )
-        _check_destination(qemu, manifest, configuration)
-        _check_block_files(folder, manifest)
-        _configure(qemu, channels, compression, source=False, return_path=return_path)
-        uri = f"unix:{tmp}/restore.sock"
-        qemu.execute("migrate-incoming", {"uri": uri})
-        blocks = [
-            RAMBlock.from_file(b["name"], folder / b["file"], b["used_length"])
-            for b in manifest["blocks"]
-        ]
-        source = MigrationSource(
-            blocks,
-            capabilities={"multifd": True, "return-path": return_path},
-            parameters={
-                "multifd-channels": channels,
-                "multifd-compression": compression,
-                "max-bandwidth": 0,
-                "x-dirty-tracker": "explicit",
-            },
-            configuration=configuration,
-            device_state=device_state,
-            ram_section_id=manifest["ram-section-id"],
-            uuid=_uuid(qemu),
-        )
-        try:
-            source.migrate(uri)
-            ours = _wait_source(qemu, source, progress, timeout)
-            info = _wait_qemu(qemu, timeout)
-        finally:
-            source.cancel()
-            source.wait()
-            for block in blocks:
-                block.close()
-        if ours["status"] != "completed" or info.get("status") != "completed":
-            raise SnapshotError(
-                f"restore did not complete: ours {ours['status']} "
-                f"({ours.get('error-desc', 'no error')}), QEMU {info.get('status')} "
-                f"({info.get('error-desc', 'no error')})"
-            )
-        return {"query-migrate": info, "source": ours, "query-status": qemu.execute("query-status")}
+            _configure(qemu, channels, compression, source=False, return_path=return_path)
+            if stop.requested:
+                raise SnapshotStopped(f"nothing was sent; QEMU at {qmp} still waits")
+            uri = f"unix:{tmp}/restore.sock"
+            qemu.execute("migrate-incoming", {"uri": uri})
+            try:
+                source.migrate(uri)
+                ours = _wait_source(qemu, source, progress, timeout, stop)
+                info = _wait_qemu(qemu, timeout, stop)
+            finally:
+                source.cancel()
+                source.wait()
+            if ours["status"] != "completed" or info.get("status") != "completed":
+                if stop.requested:
+                    raise SnapshotStopped(
+                        f"the restore was cancelled (QEMU {info.get('status')}); a QEMU "
+                        "destination takes one incoming migration only (7.2 exits when it "
+                        "fails): start QEMU again with -incoming defer to restore"
+                    )
+                raise SnapshotError(
+                    f"restore did not complete: ours {ours['status']} "
+                    f"({ours.get('error-desc', 'no error')}), QEMU {info.get('status')} "
+                    f"({info.get('error-desc', 'no error')})"
+                )
+            return {
+                "query-migrate": info,
+                "source": ours,
+                "capabilities": dict(source.settings.capabilities),
+                "query-status": qemu.execute("query-status"),
+            }
+    finally:
+        for block in blocks:
+            block.close()
 
 
 def _check_destination(
@@ -424,28 +616,36 @@ def _check_block_files(folder: Path, manifest: dict[str, Any]) -> None:
 
 
 def _wait_source(
-    qemu: QMPConnection, source: MigrationSource, progress: Progress | None, timeout: float
+    qemu: QMPConnection,
+    source: MigrationSource,
+    progress: Progress | None,
+    timeout: float,
+    stop: StopRequest,
 ) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
+    qemu_exited = False
     while not source.state.wait_finished(POLL):
+        if stop.requested:
+            source.cancel()
+            break
+        if time.monotonic() > deadline:
+            source.cancel()
+            raise SnapshotError(f"the restore did not finish within {timeout:g} s")
+        if qemu_exited:
+            continue  # 7.2 does when loading fails: the source finds out itself
         try:
             info = qemu.execute("query-migrate")
         except (ConnectionError, OSError):
-            # QEMU exited (7.2 does when loading fails): the source finds out itself.
-            if not source.state.wait_finished(max(0.0, deadline - time.monotonic())):
-                source.cancel()
-            break
+            qemu_exited = True
+            continue
         if progress is not None:
             progress(info, source.query())
         if info.get("status") == "failed":
             source.cancel()
-        if time.monotonic() > deadline:
-            source.cancel()
-            raise SnapshotError(f"the restore did not finish within {timeout:g} s")
     return source.wait()
 
 
-def _wait_qemu(qemu: QMPConnection, timeout: float) -> dict[str, Any]:
+def _wait_qemu(qemu: QMPConnection, timeout: float, stop: StopRequest) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     while True:
         try:
@@ -455,9 +655,17 @@ def _wait_qemu(qemu: QMPConnection, timeout: float) -> dict[str, Any]:
             return {"status": "failed", "error-desc": "QEMU exited (its incoming migration failed)"}
         if info.get("status") in ("completed", "failed", "cancelled"):
             return info
-        if time.monotonic() > deadline:
+        if stop.requested or time.monotonic() > deadline:
             return info
         time.sleep(POLL)
 
 
-__all__ = ["QMPError", "SnapshotError", "load_manifest", "restore", "save"]
+__all__ = [
+    "QMPError",
+    "SnapshotError",
+    "SnapshotStopped",
+    "StopRequest",
+    "load_manifest",
+    "restore",
+    "save",
+]
