@@ -259,8 +259,9 @@ def _restore(args: argparse.Namespace) -> int:
     if stop.signal is not None:
         name = signal.Signals(stop.signal).name
         print(f"multifd restore: {name} came as QEMU completed: it was restored", file=sys.stderr)
-    Console().print(info_migrate_text(result["source"], result["capabilities"]))
-    Console().print(
+    # Plain print: a console would wrap the long capabilities line.
+    print(info_migrate_text(result["source"], result["capabilities"]))
+    print(
         f"QEMU: migration {result['query-migrate']['status']}, "
         f"VM {result['query-status']['status']}"
     )

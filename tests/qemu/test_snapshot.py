@@ -8,6 +8,9 @@ must start from exactly the snapshot's memory and keep running.
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import signal
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,7 +22,7 @@ from multifd.memory import RAMBlock
 from multifd.migration.destination import MigrationDestination
 from multifd.qemu.guest import TEST_END, check_counters, counters
 from multifd.qemu.launch import QemuVM
-from multifd.qemu.snapshot import SnapshotError, restore, save
+from multifd.qemu.snapshot import SnapshotError, SnapshotStopped, StopRequest, restore, save
 from multifd.wire import RamBlockEntry
 
 MEMORY = 150 << 20
@@ -203,11 +206,114 @@ def test_save_and_restore_commands(tmp_path: Path) -> None:
     )  # fmt: skip
     assert again.returncode == 1
     assert "already holds a snapshot" in again.stderr
+    # A block file cut short is found before QEMU is told to listen: QEMU can
+    # still take the good snapshot (a QEMU destination takes one migration only).
+    broken = tmp_path / "broken"
+    shutil.copytree(folder, broken)
+    os.truncate(broken / "pc.ram", 64 << 20)
     with QemuVM(tmp_path, "destination", incoming=True) as vm:
+        refused = subprocess.run(
+            [sys.executable, "-m", "multifd", "restore", str(broken), "--qmp", vm.qmp],
+            capture_output=True, text=True, timeout=120, check=False,
+        )  # fmt: skip
+        assert refused.returncode == 1
+        assert refused.stderr == (
+            f"multifd restore: error: {broken / 'pc.ram'} has {64 << 20} bytes, but the "
+            f"snapshot's block 'pc.ram' has {MEMORY}: the file was changed after the save\n"
+        )
+        with vm.connect() as qmp:
+            assert qmp.execute("query-migrate") == {}
+            assert qmp.execute("query-status")["status"] == "inmigrate"
         restored = subprocess.run(
             [sys.executable, "-m", "multifd", "restore", str(folder), "--qmp", vm.qmp],
             capture_output=True, text=True, timeout=120, check=False,
         )  # fmt: skip
         assert restored.returncode == 0, restored.stderr
         assert "VM running" in restored.stdout
+        # The summary starts with the capabilities our source used.
+        first = restored.stdout.splitlines()[0]
+        assert first.startswith("capabilities: ") and "multifd: on" in first
         vm.wait_for_serial(b"B")
+
+
+def test_save_of_a_migrated_vm_creates_no_folder(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    with QemuVM(tmp_path, "source", guest=False) as vm:
+        save(vm.qmp, tmp_path / "first")
+        later = tmp_path / "later"
+        again = subprocess.run(
+            [sys.executable, "-m", "multifd", "save", "--qmp", vm.qmp, str(later)],
+            capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+    assert again.returncode == 1
+    assert again.stderr == (
+        f"multifd save: error: QEMU at {vm.qmp} cannot be saved: its status is 'postmigrate'\n"
+    )
+    assert not later.exists()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_stops_save_and_qemu_goes_on(tmp_path: Path, signum: signal.Signals) -> None:
+    """Stopped mid-migration: QEMU's migration is cancelled and its VM runs on;
+    the partial folder and the temporary socket are gone; one line, status 1."""
+    import subprocess
+    import sys
+
+    folder = tmp_path / "snap"
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    with QemuVM(tmp_path, "source") as vm:
+        vm.wait_for_serial(b"BB")
+        save_process = subprocess.Popen(
+            [sys.executable, "-m", "multifd", "save", "--qmp", vm.qmp, str(folder),
+             "--compression", "zlib"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env={**os.environ, "TMPDIR": str(temp)},
+        )  # fmt: skip
+        try:
+            deadline = time.monotonic() + 60
+            while not (folder / "pc.ram").exists():  # the migration has begun
+                assert save_process.poll() is None and time.monotonic() < deadline
+                time.sleep(0.005)
+            # Frozen, the command reads nothing more, so QEMU cannot complete
+            # before the signal is seen.
+            save_process.send_signal(signal.SIGSTOP)
+            save_process.send_signal(signum)
+            save_process.send_signal(signal.SIGCONT)
+            out, err = save_process.communicate(timeout=60)
+        finally:
+            save_process.kill()
+            save_process.wait()
+        assert save_process.returncode == 1, err
+        assert err == (
+            f"multifd save: stopped by {signum.name}: QEMU's migration was cancelled: its "
+            "VM goes on as before; nothing was saved\n"
+        )
+        assert out == ""
+        assert not folder.exists()
+        assert list(temp.iterdir()) == []
+        with vm.connect() as qmp:
+            assert qmp.execute("query-migrate")["status"] == "cancelled"
+            assert qmp.execute("query-status")["status"] == "running"
+        before = vm.serial.stat().st_size
+        vm.wait_for_serial(b"B" * (before + 2))
+
+
+def test_a_stopped_restore_says_qemu_must_start_again(tmp_path: Path) -> None:
+    folder, _ = _saved(tmp_path, 2, "none")
+    stop = StopRequest()
+
+    def stop_at_once(qemu: dict, ours: dict) -> None:
+        stop.request_stop(signal.SIGTERM)
+
+    with (
+        QemuVM(tmp_path, "destination", incoming=True) as vm,
+        pytest.raises(SnapshotStopped) as stopped,
+    ):
+        restore(folder, vm.qmp, progress=stop_at_once, stop=stop)
+    assert str(stopped.value).endswith(
+        "a QEMU destination takes one incoming migration only (7.2 exits when it fails): "
+        "start QEMU again with -incoming defer to restore"
+    )
