@@ -345,9 +345,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="save a running QEMU VM into a snapshot folder, over multifd",
         description="Connects to a running QEMU's QMP socket, turns multifd on there, and "
         "receives its live migration into DIR: each RAM block as a sparse file, the device "
-        "state and configuration byte for byte, and manifest.json.",
+        "state and configuration byte for byte, and manifest.json. On failure, or when "
+        "stopped by SIGINT/SIGTERM (QEMU's migration is then cancelled and its VM goes on), "
+        "nothing is left in DIR.",
     )
-    p.add_argument("--qmp", required=True, help="the QEMU's QMP socket (unix:PATH or a path)")
+    p.add_argument(
+        "--qmp", required=True, help="the QEMU's QMP socket (unix:PATH, tcp:HOST:PORT or a path)"
+    )
     p.add_argument("dir", type=Path, help="the snapshot folder (new or empty)")
     p.add_argument("--channels", type=int, default=2, help="multifd channels (2)")
     p.add_argument("--compression", choices=("none", "zlib", "zstd"), default="none")
@@ -358,10 +362,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="restore a snapshot folder into a QEMU started with -incoming defer",
         description="Feeds DIR into the QEMU at --qmp (started with -incoming defer and the "
         "same machine type and -m): sets multifd there, then sends every block over the "
-        "multifd channels and the device state; the VM runs on afterwards.",
+        "multifd channels and the device state; the VM runs on afterwards. The folder is "
+        "checked whole before QEMU is told to listen: a QEMU destination takes one "
+        "incoming migration only, so one stopped or failed midway must be started again.",
     )
     p.add_argument("dir", type=Path, help="a folder written by multifd save")
-    p.add_argument("--qmp", required=True, help="the QEMU's QMP socket (unix:PATH or a path)")
+    p.add_argument(
+        "--qmp", required=True, help="the QEMU's QMP socket (unix:PATH, tcp:HOST:PORT or a path)"
+    )
     p.add_argument("--channels", type=int, help="multifd channels (default: as saved)")
     p.add_argument("--compression", choices=("none", "zlib", "zstd"), default="none")
     p.set_defaults(func=_restore)
