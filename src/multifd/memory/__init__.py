@@ -3,7 +3,15 @@ dirty-page trackers and zero-page detection. No channel I/O happens here.
 """
 
 from .bitmap import DirtyBitmap, coalesce_runs, runs_to_indices
-from .block import MAX_NAME_BYTES, PAGE_SIZE, FileTooShortError, MarkLog, RAMBlock, validate_name
+from .block import (
+    MAX_NAME_BYTES,
+    PAGE_SIZE,
+    FileTooShortError,
+    MarkLog,
+    RAMBlock,
+    validate_name,
+    validate_size,
+)
 from .tracking import (
     PREFERENCES,
     DirtyTracker,
@@ -40,6 +48,7 @@ __all__ = [
     "runs_to_indices",
     "share_tracking",
     "validate_name",
+    "validate_size",
     "verify_keys",
     "zero_mask",
 ]

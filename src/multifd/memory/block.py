@@ -43,7 +43,8 @@ def validate_name(name: str) -> str:
     return name
 
 
-def _validate_size(name: str, size: int) -> int:
+def validate_size(name: str, size: int) -> int:
+    """`size` if a block named `name` may have it, else a ValueError saying why."""
     if size <= 0 or size % PAGE_SIZE:
         rounded = max(PAGE_SIZE, -(-size // PAGE_SIZE) * PAGE_SIZE)
         raise ValueError(
@@ -141,7 +142,7 @@ class RAMBlock:
             ) from None
         if not array.flags.writeable:
             raise ValueError(f"RAMBlock {name!r}: memory is read-only; a writable buffer is needed")
-        self._pages = _validate_size(name, array.size) // PAGE_SIZE
+        self._pages = validate_size(name, array.size) // PAGE_SIZE
         self._array: npt.NDArray[np.uint8] | None = array
         self._buffer: memoryview | None = array.data
         self._address = int(array.ctypes.data)
@@ -161,7 +162,7 @@ class RAMBlock:
     def anonymous(cls, name: str, size: int, *, shared: bool = False) -> RAMBlock:
         """Fresh zeroed anonymous memory; `shared=True` survives fork() as shared memory."""
         validate_name(name)
-        _validate_size(name, size)
+        validate_size(name, size)
         flags = mmap.MAP_SHARED if shared else mmap.MAP_PRIVATE
         with _naming(name, f"map {size} bytes of anonymous memory"):
             mapping = mmap.mmap(-1, size, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE)
@@ -184,7 +185,7 @@ class RAMBlock:
         """
         validate_name(name)
         if size is not None:
-            _validate_size(name, size)
+            validate_size(name, size)
         path = os.fspath(path)
         flags = os.O_RDWR | os.O_CLOEXEC | (os.O_CREAT if create else 0)
         with _naming(name, f"open {path!r}"):
@@ -196,7 +197,7 @@ class RAMBlock:
             if size is None:
                 if length == 0:
                     raise ValueError(f"RAMBlock {name!r}: file {path!r} is empty; pass size=")
-                size = _validate_size(name, length)
+                size = validate_size(name, length)
             elif length < size:
                 if not create:
                     raise FileTooShortError(name, path, length, size)
@@ -215,7 +216,7 @@ class RAMBlock:
         """Shared memory with no path (memfd_create); `fd` lets another process map it
         (for example as /proc/<pid>/fd/<fd>, or passed over a unix socket)."""
         validate_name(name)
-        _validate_size(name, size)
+        validate_size(name, size)
         label = f"multifd:{name}".encode()[:_MEMFD_NAME_BYTES].decode("utf-8", "ignore")
         fd = os.memfd_create(label, os.MFD_CLOEXEC)
         try:
