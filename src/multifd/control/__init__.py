@@ -2,7 +2,7 @@
 `multifd incoming` / `multifd migrate` daemons built on it."""
 
 from .commands import MigrationCommands, check_arguments
-from .daemon import DEFER, Daemon, DaemonOptions, Role, stop_on_signals
+from .daemon import DEFER, STOP_SIGNALS, Daemon, DaemonOptions, Role, Stoppable, stop_on_signals
 from .framing import DEFAULT_MAX_MESSAGE, FramingError, JsonSplitter
 from .options import (
     BlockSpec,
@@ -18,6 +18,7 @@ from .server import QMPAddressError, QMPServer, parse_qmp_address
 __all__ = [
     "DEFAULT_MAX_MESSAGE",
     "DEFER",
+    "STOP_SIGNALS",
     "BlockSpec",
     "Daemon",
     "DaemonOptions",
@@ -30,6 +31,7 @@ __all__ = [
     "QMPServer",
     "Role",
     "Session",
+    "Stoppable",
     "check_arguments",
     "open_blocks",
     "parse_capability",

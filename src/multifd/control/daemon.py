@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any
+from typing import Any, Protocol
 
 from ..channels import MigrationURI, TcpURI, UnixURI, parse_uri
 from ..memory import RAMBlock
@@ -160,12 +160,20 @@ def _check_apart(migration: MigrationURI | None, qmp: SocketAddress | None) -> N
         )
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class Stoppable(Protocol):
+    def request_stop(self, signum: int) -> None:
+        """From a signal handler: record it only, for the owner to act on."""
+
+
 @contextlib.contextmanager
-def stop_on_signals(daemon: Daemon) -> Iterator[None]:
-    """SIGINT and SIGTERM stop the daemon cleanly (main thread only)."""
-    signals = (signal.SIGINT, signal.SIGTERM)
+def stop_on_signals(target: Stoppable) -> Iterator[None]:
+    """SIGINT and SIGTERM stop a daemon (or the demo) cleanly (main thread only)."""
     previous = {
-        s: signal.signal(s, lambda signum, _frame: daemon.request_stop(signum)) for s in signals
+        s: signal.signal(s, lambda signum, _frame: target.request_stop(signum))
+        for s in STOP_SIGNALS
     }
     try:
         yield
