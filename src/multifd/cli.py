@@ -27,10 +27,17 @@ from .control import (
     Role,
     parse_capability,
     parse_parameter,
+    parse_size,
     stop_on_signals,
 )
-from .demo.runner import DemoOptions, run_demo
-from .migration.params import MigrationConfigError, parse_parameter_text
+from .demo.runner import DemoError, DemoOptions, DemoStopped, StopRequest, check_size, run_demo
+from .migration.params import (
+    COMPRESSION_METHODS,
+    PARAMETERS,
+    MigrationConfigError,
+    MigrationSettings,
+    parse_parameter_text,
+)
 from .progress import human as _human
 from .progress import (
     info_migrate_text,
@@ -73,11 +80,27 @@ def _analyze(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
-def _size_arg(text: str) -> int:
+def _demo_size(text: str) -> int:
     try:
-        return parse_parameter_text("max-bandwidth", text)
-    except MigrationConfigError:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 1G, 512M)") from None
+        return check_size(parse_size(text))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _demo_parameter(name: str) -> Callable[[str], Any]:
+    """An argparse type for the migration parameter `name`, checked as a
+    migration checks it, so a bad value is a usage error before anything runs."""
+
+    def convert(text: str) -> Any:
+        try:
+            value = parse_parameter_text(name, text)
+            MigrationSettings(parameters={name: value})
+        except MigrationConfigError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+        return value
+
+    convert.__name__ = name
+    return convert
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -91,18 +114,36 @@ def _demo(args: argparse.Namespace) -> int:
         downtime_limit=args.downtime_limit,
     )
     console = Console(stderr=True)
+    stop = StopRequest()
+    try:
+        with stop_on_signals(stop):
+            if args.json:
+                result = run_demo(options, stop=stop)
+            else:
+                console.print(
+                    f"[bold]multifd demo[/]: {_human(options.size)} RAM block, "
+                    + (
+                        f"{options.channels} multifd channels"
+                        if options.multifd
+                        else "plain pre-copy"
+                    )
+                    + f", {options.compression} compression, {options.transport} transport, "
+                    f"workload writing {_human(options.dirty_rate)}/s"
+                )
+                with Live(console=console, refresh_per_second=8, transient=True) as live:
+                    result = run_demo(
+                        options, progress=lambda q: live.update(progress_table(q)), stop=stop
+                    )
+    except DemoStopped:
+        assert stop.stop_signal is not None
+        print(f"multifd demo: stopped by {signal.Signals(stop.stop_signal).name}", file=sys.stderr)
+        return 1
+    except (DemoError, OSError) as exc:
+        print(f"multifd demo: error: {exc}", file=sys.stderr)
+        return 1
     if args.json:
-        result = run_demo(options)
         print(json.dumps(result, indent=1))
     else:
-        console.print(
-            f"[bold]multifd demo[/]: {_human(options.size)} RAM block, "
-            + (f"{options.channels} multifd channels" if options.multifd else "plain pre-copy")
-            + f", {options.compression} compression, {options.transport} transport, "
-            f"workload writing {_human(options.dirty_rate)}/s"
-        )
-        with Live(console=console, refresh_per_second=8, transient=True) as live:
-            result = run_demo(options, progress=lambda q: live.update(progress_table(q)))
         render_summary(result, options.downtime_limit, Console())
     ok = result["status"] == "completed" and result["memory_identical"]
     return 0 if ok else 1
@@ -301,15 +342,34 @@ def build_parser() -> argparse.ArgumentParser:
         "source's workload keeps writing while its RAM block migrates over multifd "
         "channels. Exits 0 only if the migration completed and both memories are equal.",
     )
-    p.add_argument("--size", type=_size_arg, default=1 << 30, help="RAM block size (1G)")
-    p.add_argument("--channels", type=int, default=4, help="multifd channels (4)")
     p.add_argument(
-        "--dirty-rate", type=_size_arg, default=128 << 20, help="bytes/s the workload writes"
+        "--size",
+        type=_demo_size,
+        default=1 << 30,
+        help="RAM block size, a multiple of the page size that fits twice in this host's "
+        "memory (1G)",
     )
-    p.add_argument("--compression", choices=("none", "zlib", "zstd"), default="none")
+    p.add_argument(
+        "--channels",
+        type=_demo_parameter("multifd-channels"),
+        default=4,
+        help="multifd channels, {0.low} to {0.high} (4)".format(PARAMETERS["multifd-channels"]),
+    )
+    p.add_argument(
+        "--dirty-rate",
+        type=_checked(parse_size),
+        default=128 << 20,
+        help="bytes/s the workload writes (128M)",
+    )
+    p.add_argument("--compression", choices=COMPRESSION_METHODS, default="none")
     p.add_argument("--no-multifd", action="store_true", help="plain pre-copy on one channel")
     p.add_argument("--transport", choices=("tcp", "unix"), default="unix")
-    p.add_argument("--downtime-limit", type=int, default=300, help="milliseconds (300)")
+    p.add_argument(
+        "--downtime-limit",
+        type=_demo_parameter("downtime-limit"),
+        default=300,
+        help="milliseconds, {0.low} to {0.high} (300)".format(PARAMETERS["downtime-limit"]),
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_demo)
 

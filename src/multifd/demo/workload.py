@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 
 import numpy as np
 
@@ -18,13 +19,22 @@ from ..wire import TARGET_PAGE_SIZE
 TICK = 0.005  # seconds between write bursts
 
 
-def fill(array: np.ndarray, data_fraction: float = 0.75, seed: int = 1) -> None:
-    """Random data in `data_fraction` of the pages (spread out), zeros elsewhere."""
+def fill(
+    array: np.ndarray,
+    data_fraction: float = 0.75,
+    seed: int = 1,
+    stopped: Callable[[], bool] | None = None,
+) -> None:
+    """Random data in `data_fraction` of the pages (spread out), zeros elsewhere;
+    it returns early, part filled, once `stopped()` says so (a block of some
+    GiB takes seconds, too long to keep a Ctrl-C waiting)."""
     pages = array.reshape(-1, TARGET_PAGE_SIZE)
     rng = np.random.default_rng(seed)
     chosen = rng.random(len(pages)) < data_fraction
     step = 4096  # pages per batch: 16 MiB of random bytes at a time
     for first in range(0, len(pages), step):
+        if stopped is not None and stopped():
+            return
         rows = np.flatnonzero(chosen[first : first + step]) + first
         pages[rows] = rng.integers(0, 256, size=(len(rows), TARGET_PAGE_SIZE), dtype=np.uint8)
         pages[np.flatnonzero(~chosen[first : first + step]) + first] = 0
