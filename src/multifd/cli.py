@@ -25,12 +25,13 @@ from .control import (
     DaemonOptions,
     OptionError,
     Role,
+    StopRequest,
     parse_capability,
     parse_parameter,
     parse_size,
     stop_on_signals,
 )
-from .demo.runner import DemoError, DemoOptions, DemoStopped, StopRequest, check_size, run_demo
+from .demo.runner import DemoError, DemoOptions, DemoStopped, check_size, run_demo
 from .migration.params import (
     COMPRESSION_METHODS,
     PARAMETERS,
@@ -47,7 +48,7 @@ from .progress import (
     render_summary,
 )
 from .qemu.qmp import QMPError
-from .qemu.snapshot import SnapshotError, SnapshotStopped, StopRequest, restore, save
+from .qemu.snapshot import SnapshotError, SnapshotStopped, restore, save
 
 
 def _analyze(args: argparse.Namespace) -> int:
@@ -135,8 +136,8 @@ def _demo(args: argparse.Namespace) -> int:
                         options, progress=lambda q: live.update(progress_table(q)), stop=stop
                     )
     except DemoStopped:
-        assert stop.stop_signal is not None
-        print(f"multifd demo: stopped by {signal.Signals(stop.stop_signal).name}", file=sys.stderr)
+        assert stop.signal is not None
+        print(f"multifd demo: stopped by {signal.Signals(stop.signal).name}", file=sys.stderr)
         return 1
     except (DemoError, OSError) as exc:
         print(f"multifd demo: error: {exc}", file=sys.stderr)
@@ -245,7 +246,7 @@ def _save(args: argparse.Namespace) -> int:
     stop = StopRequest()
     try:
         with (
-            stop_on_signals(stop),  # type: ignore[arg-type]  # needs only request_stop
+            stop_on_signals(stop),
             Live(console=console, refresh_per_second=8, transient=True) as live,
         ):
             manifest = save(
@@ -278,7 +279,7 @@ def _restore(args: argparse.Namespace) -> int:
     stop = StopRequest()
     try:
         with (
-            stop_on_signals(stop),  # type: ignore[arg-type]  # needs only request_stop
+            stop_on_signals(stop),
             Live(console=console, refresh_per_second=8, transient=True) as live,
         ):
             result = restore(

@@ -18,11 +18,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from multifd.control import StopRequest
 from multifd.memory import RAMBlock
 from multifd.migration.destination import MigrationDestination
 from multifd.qemu.guest import TEST_END, check_counters, counters
 from multifd.qemu.launch import QemuVM
-from multifd.qemu.snapshot import SnapshotError, SnapshotStopped, StopRequest, restore, save
+from multifd.qemu.snapshot import SnapshotError, SnapshotStopped, restore, save
 from multifd.wire import RamBlockEntry
 
 MEMORY = 150 << 20

@@ -2,7 +2,16 @@
 `multifd incoming` / `multifd migrate` daemons built on it."""
 
 from .commands import MigrationCommands, check_arguments
-from .daemon import DEFER, STOP_SIGNALS, Daemon, DaemonOptions, Role, Stoppable, stop_on_signals
+from .daemon import (
+    DEFER,
+    STOP_SIGNALS,
+    Daemon,
+    DaemonOptions,
+    Role,
+    Stoppable,
+    StopRequest,
+    stop_on_signals,
+)
 from .framing import DEFAULT_MAX_MESSAGE, FramingError, JsonSplitter
 from .options import (
     BlockSpec,
@@ -31,6 +40,7 @@ __all__ = [
     "QMPServer",
     "Role",
     "Session",
+    "StopRequest",
     "Stoppable",
     "check_arguments",
     "open_blocks",

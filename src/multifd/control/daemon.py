@@ -168,6 +168,22 @@ class Stoppable(Protocol):
         """From a signal handler: record it only, for the owner to act on."""
 
 
+class StopRequest:
+    """For a command that is not a daemon (the demo, save, restore): a signal
+    handler may only record the signal; the command looks at it where it
+    waits, cancels what runs and cleans up."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+
+    def request_stop(self, signum: int) -> None:
+        self.signal = signum
+
+    @property
+    def requested(self) -> bool:
+        return self.signal is not None
+
+
 @contextlib.contextmanager
 def stop_on_signals(target: Stoppable) -> Iterator[None]:
     """SIGINT and SIGTERM stop a daemon (or the demo) cleanly (main thread only)."""

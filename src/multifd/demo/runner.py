@@ -21,7 +21,7 @@ from multiprocessing.connection import Connection
 from multiprocessing.context import SpawnContext, SpawnProcess
 from typing import Any
 
-from ..control.daemon import STOP_SIGNALS
+from ..control.daemon import STOP_SIGNALS, StopRequest
 from ..memory import RAMBlock, validate_size
 from ..migration.destination import MigrationDestination
 from ..migration.params import MigrationSettings
@@ -41,21 +41,6 @@ class DemoError(RuntimeError):
 
 class DemoStopped(Exception):
     """The demo was stopped on request; it cancelled what ran and cleaned up first."""
-
-
-class StopRequest:
-    """Set from a signal handler (`control.stop_on_signals`), which may only record
-    the signal; the demo looks at it between steps and cancels what runs."""
-
-    def __init__(self) -> None:
-        self.stop_signal: int | None = None
-
-    def request_stop(self, signum: int) -> None:
-        self.stop_signal = signum
-
-    @property
-    def requested(self) -> bool:
-        return self.stop_signal is not None
 
 
 def check_size(size: int) -> int:

@@ -20,6 +20,7 @@ from typing import Any
 
 from .. import __version__
 from ..analyze.replay import block_file_name
+from ..control.daemon import StopRequest
 from ..memory import RAMBlock
 from ..migration.destination import MigrationDestination
 from ..migration.params import MigrationSettings
@@ -49,23 +50,6 @@ class SnapshotError(RuntimeError):
 class SnapshotStopped(SnapshotError):
     """A save or restore ended by its `StopRequest`; the message says what
     became of the migration and of QEMU."""
-
-
-class StopRequest:
-    """Asks a running save or restore to stop, from a signal handler (as the
-    daemons' `stop_on_signals` does): it only records the signal, and save and
-    restore act on it where they wait, so that QEMU is told to cancel and the
-    partial snapshot and the temporary socket are removed."""
-
-    def __init__(self) -> None:
-        self.signal: int | None = None
-
-    def request_stop(self, signum: int) -> None:
-        self.signal = signum
-
-    @property
-    def requested(self) -> bool:
-        return self.signal is not None
 
 
 def _uuid(qemu: QMPConnection) -> bytes:
