@@ -241,7 +241,11 @@ def _add_daemon_options(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _save(args: argparse.Namespace) -> int:
+def _snapshot_command(command: str, action: Callable[..., Any], completed: str) -> Any:
+    """Run save or restore (`action(stop=..., progress=...)`) with live
+    progress, stopped cleanly by SIGINT/SIGTERM: its result, or None once
+    stderr says why it did not complete. `completed`: what a signal that came
+    as QEMU completed leaves."""
     console = Console(stderr=True)
     stop = StopRequest()
     try:
@@ -249,58 +253,48 @@ def _save(args: argparse.Namespace) -> int:
             stop_on_signals(stop),
             Live(console=console, refresh_per_second=8, transient=True) as live,
         ):
-            manifest = save(
-                args.qmp,
-                args.dir,
-                channels=args.channels,
-                compression=args.compression,
-                progress=lambda qemu, ours: live.update(qemu_progress_table(qemu, ours)),
+            result = action(
                 stop=stop,
+                progress=lambda qemu, ours: live.update(qemu_progress_table(qemu, ours)),
             )
     except SnapshotStopped as exc:
         assert stop.signal is not None
         name = signal.Signals(stop.signal).name
-        print(f"multifd save: stopped by {name}: {exc}", file=sys.stderr)
-        return 1
+        print(f"multifd {command}: stopped by {name}: {exc}", file=sys.stderr)
+        return None
     except (SnapshotError, QMPError, ConnectionError, OSError, MigrationConfigError) as exc:
-        print(f"multifd save: error: {exc}", file=sys.stderr)
-        return 1
+        print(f"multifd {command}: error: {exc}", file=sys.stderr)
+        return None
     if stop.signal is not None:
         name = signal.Signals(stop.signal).name
-        print(
-            f"multifd save: {name} came as QEMU completed: the snapshot is whole", file=sys.stderr
-        )
+        print(f"multifd {command}: {name} came as QEMU completed: {completed}", file=sys.stderr)
+    return result
+
+
+def _save(args: argparse.Namespace) -> int:
+    manifest = _snapshot_command(
+        "save",
+        lambda **run: save(
+            args.qmp, args.dir, channels=args.channels, compression=args.compression, **run
+        ),
+        "the snapshot is whole",
+    )
+    if manifest is None:
+        return 1
     render_snapshot(manifest, Console())
     return 0
 
 
 def _restore(args: argparse.Namespace) -> int:
-    console = Console(stderr=True)
-    stop = StopRequest()
-    try:
-        with (
-            stop_on_signals(stop),
-            Live(console=console, refresh_per_second=8, transient=True) as live,
-        ):
-            result = restore(
-                args.dir,
-                args.qmp,
-                channels=args.channels,
-                compression=args.compression,
-                progress=lambda qemu, ours: live.update(qemu_progress_table(qemu, ours)),
-                stop=stop,
-            )
-    except SnapshotStopped as exc:
-        assert stop.signal is not None
-        name = signal.Signals(stop.signal).name
-        print(f"multifd restore: stopped by {name}: {exc}", file=sys.stderr)
+    result = _snapshot_command(
+        "restore",
+        lambda **run: restore(
+            args.dir, args.qmp, channels=args.channels, compression=args.compression, **run
+        ),
+        "it was restored",
+    )
+    if result is None:
         return 1
-    except (SnapshotError, QMPError, ConnectionError, OSError, MigrationConfigError) as exc:
-        print(f"multifd restore: error: {exc}", file=sys.stderr)
-        return 1
-    if stop.signal is not None:
-        name = signal.Signals(stop.signal).name
-        print(f"multifd restore: {name} came as QEMU completed: it was restored", file=sys.stderr)
     # Plain print: a console would wrap the long capabilities line.
     print(info_migrate_text(result["source"], result["capabilities"]))
     print(
