@@ -3,13 +3,21 @@ between rounds: exactly those pages travel again, and memory ends identical."""
 
 from __future__ import annotations
 
+import hashlib
+import socket
+import subprocess
+import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import pytest
-from e2e_support import Migration, write_pages
+from e2e_support import FINISH_TIMEOUT, MiB, Migration, write_pages
 
-from multifd.memory import KernelTracker
+from multifd.demo.workload import fill
+from multifd.memory import KernelTracker, RAMBlock
+from multifd.migration.destination import MigrationDestination
+from multifd.migration.source import MigrationSource
 
 # Two disjoint patterns: pass 1 (setup, before round 1) and pass 2 (after it).
 # Whether the second is sent in a round of its own or at switchover, every
@@ -108,3 +116,87 @@ def test_explicit_tracker_sees_only_marked_writes(migration: Callable[..., Migra
     assert src["status"] == dst["status"] == "completed"
     differ = np.flatnonzero(np.any(block.page_rows() != m.dst_blocks[0].page_rows(), axis=1))
     assert differ.tolist() == [11]
+
+
+# A workload in another process: it writes a counter into random pages of the
+# memfd it was given, and on "p" stops writing and answers "k".
+_CHILD_WORKLOAD = """
+import mmap, socket, sys, threading, time
+import numpy as np
+fd, sock_fd, size = (int(a) for a in sys.argv[1:4])
+sock = socket.socket(fileno=sock_fd)
+rows = np.frombuffer(mmap.mmap(fd, size, flags=mmap.MAP_SHARED), dtype=np.uint64).reshape(-1, 512)
+writing, lock = threading.Event(), threading.Lock()
+writing.set()
+def work():
+    n, rng = 0, np.random.default_rng(3)
+    while True:
+        writing.wait()
+        with lock:
+            if writing.is_set():
+                n += 1
+                rows[rng.integers(0, len(rows), 16), 0] = n
+        time.sleep(0.0005)
+threading.Thread(target=work, daemon=True).start()
+sock.sendall(b"r")
+while (c := sock.recv(1)):
+    writing.clear()
+    with lock:
+        pass
+    sock.sendall(b"k")
+"""
+
+
+def test_a_workload_in_another_process_is_tracked(tmp_path: Path) -> None:
+    """A memfd block whose descriptor a workload process maps and writes: "auto"
+    hashes it (the kernel tracker of this process would not see those writes),
+    and the destination ends with the memory the source had when it stopped."""
+    size = 16 * MiB
+    source_block, destination_block = (
+        RAMBlock.memfd("pc.ram", size),
+        RAMBlock.anonymous("pc.ram", size),
+    )
+    fill(source_block.array, seed=1)
+    ours, theirs = socket.socketpair()
+    workload = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            _CHILD_WORKLOAD,
+            str(source_block.fd),
+            str(theirs.fileno()),
+            str(size),
+        ],
+        pass_fds=(source_block.fd, theirs.fileno()),
+    )
+    theirs.close()
+    at_stop: list[bytes] = []
+
+    def on_stop() -> None:
+        ours.sendall(b"p")
+        assert ours.recv(1) == b"k"
+        at_stop.append(bytes(source_block.buffer))
+
+    destination = MigrationDestination(
+        [destination_block], capabilities={"multifd": True}, parameters={"multifd-channels": 2}
+    )
+    source = MigrationSource(
+        [source_block],
+        capabilities={"multifd": True},
+        parameters={"multifd-channels": 2, "max-bandwidth": 0},
+        on_stop=on_stop,
+    )
+    try:
+        assert ours.recv(1) == b"r"
+        source.migrate(destination.incoming(f"unix:{tmp_path / 'm.sock'}"))
+        src, dst = source.wait(FINISH_TIMEOUT), destination.wait(FINISH_TIMEOUT)
+        assert src["status"] == dst["status"] == "completed", (src, dst)
+        assert src["x-dirty-tracker"] == {"pc.ram": "hash"}
+        assert destination_block.sha256() == hashlib.sha256(at_stop[0]).hexdigest()
+    finally:
+        source.cancel()
+        destination.cancel()
+        ours.close()
+        workload.wait(10)
+        source_block.close()
+        destination_block.close()

@@ -238,6 +238,29 @@ def test_choose_tracker_falls_back_and_says_why(
             )
 
 
+@pytest.mark.parametrize("kind", ["shm-file", "disk-file", "shared-anonymous", "memfd"])
+def test_choose_tracker_hashes_a_block_another_process_may_write(
+    make_block: BlockMaker, kernel_tracking: None, kind: str
+) -> None:
+    """The kernel tracker reads this process's page tables: another process's
+    writes to a file, to shared memory or to a memfd whose descriptor went
+    out are not in them. Hashing sees every writer; naming "kernel" still
+    takes it, for a caller that knows nobody else writes."""
+    block = make_block(kind, MiB, name="pc.ram")
+    if kind == "memfd":
+        with choose_tracker(block) as tracker:
+            assert tracker.name == "kernel"  # its descriptor has not gone out yet
+        assert block.fd is not None
+    with choose_tracker(block) as tracker:
+        assert tracker.name == "hash"
+        assert tracker.fallback_reason == (
+            f"RAMBlock 'pc.ram' ({block.kind}) may be written by another process, "
+            "whose writes the kernel tracker of this one does not see"
+        )
+    with choose_tracker(block, "kernel") as tracker:
+        assert tracker.name == "kernel"
+
+
 @pytest.mark.parametrize("preference", ["hash", "explicit"])
 def test_choose_tracker_can_be_forced(make_block: BlockMaker, preference: str) -> None:
     with choose_tracker(make_block("anonymous", MiB), preference) as tracker:

@@ -186,6 +186,9 @@ class Bulk:
                 "multifd-compression": "none",
                 "max-bandwidth": 0,  # unlimited
                 "downtime-limit": BULK_DOWNTIME_LIMIT_MS,
+                # Nobody writes the content file during a bulk run: "auto" would
+                # hash every page of it, since another process could.
+                "x-dirty-tracker": "kernel",
             },
             **extra,
         )

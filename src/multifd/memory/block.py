@@ -155,6 +155,7 @@ class RAMBlock:
         # Zeroed memory that no writable view or descriptor has been handed out
         # for yet (see take_untouched): the constructors that make it say so.
         self._untouched = False
+        self._fd_handed_out = False
 
     # -- constructors ----------------------------------------------------------------
 
@@ -272,7 +273,16 @@ class RAMBlock:
         if self._kind != "memfd":
             return None
         self._untouched = False  # another process may map it and write
+        self._fd_handed_out = True
         return self._fd
+
+    @property
+    def may_be_written_elsewhere(self) -> bool:
+        """Whether another process may write this memory: a file (anyone may
+        map it), shared anonymous memory (a forked child), a memfd whose
+        descriptor was handed out. A dirty tracker that reads this process's
+        page tables sees none of their writes."""
+        return self._kind in ("file", "shared-anonymous") or self._fd_handed_out
 
     @property
     def path(self) -> str | None:
