@@ -3,6 +3,7 @@ folder that migrates over TLS (tests/ is importable, see tests/conftest.py)."""
 
 from __future__ import annotations
 
+from datetime import datetime
 from pathlib import Path
 
 import trustme
@@ -19,18 +20,22 @@ def make_creds(
     client: trustme.CA | None = None,
     server_names: tuple[str, ...] = SERVER_NAMES,
     client_name: str = CLIENT_NAME,
+    not_before: datetime | None = None,
+    not_after: datetime | None = None,
 ) -> Path:
     """Fill `directory` (made here) like QEMU's tls-creds-x509 dir: trusting
     `trust`, with a server certificate signed by `server` and a client certificate
-    signed by `client` (None: left out)."""
+    signed by `client` (None: left out), both valid from `not_before` to
+    `not_after` (None: trustme's defaults, valid now)."""
+    dates = {"not_before": not_before, "not_after": not_after}
     directory.mkdir()
     trust.cert_pem.write_to_path(directory / "ca-cert.pem")
     if server is not None:
-        cert = server.issue_cert(*server_names)
+        cert = server.issue_cert(*server_names, **dates)
         cert.cert_chain_pems[0].write_to_path(directory / "server-cert.pem")
         cert.private_key_pem.write_to_path(directory / "server-key.pem")
     if client is not None:
-        cert = client.issue_cert(client_name, common_name=client_name)
+        cert = client.issue_cert(client_name, common_name=client_name, **dates)
         cert.cert_chain_pems[0].write_to_path(directory / "client-cert.pem")
         cert.private_key_pem.write_to_path(directory / "client-key.pem")
     return directory

@@ -7,6 +7,7 @@ import os
 import socket
 import threading
 from collections.abc import Callable, Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -141,9 +142,12 @@ def creds(tmp_path: Path, ca: trustme.CA) -> Callable[..., Path]:
         client: trustme.CA | None = None,
         server_names: tuple[str, ...] = SERVER_NAMES,
         client_name: str = CLIENT_NAME,
+        not_before: datetime | None = None,
+        not_after: datetime | None = None,
     ) -> Path:
         """A directory trusting `trust`, with a server certificate signed by
-        `server` and a client certificate signed by `client` (None: left out)."""
+        `server` and a client certificate signed by `client` (None: left out),
+        valid from `not_before` to `not_after` (None: valid now)."""
         return make_creds(
             tmp_path / name,
             trust=trust,
@@ -151,6 +155,8 @@ def creds(tmp_path: Path, ca: trustme.CA) -> Callable[..., Path]:
             client=client,
             server_names=server_names,
             client_name=client_name,
+            not_before=not_before,
+            not_after=not_after,
         )
 
     return make

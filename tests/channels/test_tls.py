@@ -11,6 +11,7 @@ import threading
 import time
 import uuid as uuid_module
 from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -164,6 +165,52 @@ def test_missing_client_certificate(
     assert wait_for_refusal(listener).endswith(
         "TLS handshake failed: client certificate missing: the source sent none (its "
         "tls-creds directory needs client-cert.pem and client-key.pem)"
+    )
+
+
+@pytest.mark.parametrize(
+    ("valid", "message"),
+    [
+        ((-10, -1), r"has expired \(notAfter \w{3} [ \d]\d \d\d:\d\d:\d\d \d{4} GMT\)"),
+        ((1, 10), r"is not yet valid \(notBefore \w{3} [ \d]\d \d\d:\d\d:\d\d \d{4} GMT\)"),
+    ],
+)
+@pytest.mark.parametrize("side", ["server", "client"])
+def test_own_certificate_outside_its_dates_refused_when_loaded(
+    creds: Creds, ca: trustme.CA, side: str, valid: tuple[int, int], message: str
+) -> None:
+    now = datetime.now(UTC)
+    directory = creds(
+        side,
+        **{side: ca},
+        not_before=now + timedelta(days=valid[0]),
+        not_after=now + timedelta(days=valid[1]),
+    )
+    config = TLSConfig(directory)
+    load = config.server_context if side == "server" else config.client_context
+    with pytest.raises(TLSError) as info:
+        load()
+    assert re.fullmatch(
+        f"tls-creds: {re.escape(str(directory / f'{side}-cert.pem'))} {message}", str(info.value)
+    ), str(info.value)
+
+
+def test_certificate_expired_since_it_was_loaded(
+    listen: Callable[..., Listener], creds: Creds, ca: trustme.CA, client: TLSConfig
+) -> None:
+    """A listener outlives its certificate: the source's alert is named."""
+    now = datetime.now(UTC)
+    server = TLSConfig(creds("server", server=ca, not_after=now + timedelta(seconds=1)))
+    listener = listen("tcp:127.0.0.1:0", tls=server)
+    time.sleep(max(0.0, (now + timedelta(seconds=2.1) - datetime.now(UTC)).total_seconds()))
+    with pytest.raises(
+        TLSError, match="the destination's certificate was refused: certificate has expired"
+    ):
+        connect_channels(listener.uri, header=HEADER, tls=client)
+    assert wait_for_refusal(listener).endswith(
+        "TLS handshake failed: the source refused our certificate "
+        f"{server.creds / 'server-cert.pem'} as expired (SSLV3_ALERT_CERTIFICATE_EXPIRED: "
+        "check its notAfter and both hosts' clocks)"
     )
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import socket
 import ssl
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -104,6 +105,7 @@ class TLSConfig:
             raise TLSError(
                 "tls-creds", f"{cert_path} and {key_path} are not a matching pair: {exc}"
             ) from None
+        _check_dates(cert_path)
 
     def wrap_client(
         self, context: ssl.SSLContext, sock: socket.socket, host: str, name: str
@@ -130,7 +132,12 @@ class TLSConfig:
             tls.do_handshake()
         except OSError as exc:
             raise _handshake_error(
-                name, exc, peer=peer, ca=self.creds / CA_CERT, hostname=tls.server_hostname or ""
+                name,
+                exc,
+                peer=peer,
+                ca=self.creds / CA_CERT,
+                cert=self.creds / (SERVER_CERT if tls.server_side else CLIENT_CERT),
+                hostname=tls.server_hostname or "",
             ) from None
         if tls.server_side and self.authz:
             subject = certificate_subject(tls.getpeercert() or {})
@@ -142,15 +149,38 @@ class TLSConfig:
                 )
 
 
+def _check_dates(cert_path: Path) -> None:
+    """Refuse our own certificate outside its validity period, naming the file, as
+    QEMU does when it loads the creds: a peer would refuse every connection with an
+    alert that names neither the file nor (when not yet valid) the dates."""
+    # The ssl module decodes a peer's certificate but offers no public way to read
+    # a file's; its own tests use this one. Without it the peer's alert still says
+    # why (see describe_ssl_error).
+    decode = getattr(ssl._ssl, "_test_decode_cert", None)  # type: ignore[attr-defined]
+    if decode is None:
+        return
+    try:
+        decoded = decode(str(cert_path))
+        not_before, not_after = decoded["notBefore"], decoded["notAfter"]
+        valid = ssl.cert_time_to_seconds(not_before), ssl.cert_time_to_seconds(not_after)
+    except (OSError, KeyError, ValueError):
+        return  # load_cert_chain accepted it: OpenSSL has the final word
+    now = time.time()
+    if now > valid[1]:
+        raise TLSError("tls-creds", f"{cert_path} has expired (notAfter {not_after})")
+    if now < valid[0]:
+        raise TLSError("tls-creds", f"{cert_path} is not yet valid (notBefore {not_before})")
+
+
 def _handshake_error(
-    name: str, exc: OSError, *, peer: str, ca: Path, hostname: str = ""
+    name: str, exc: OSError, *, peer: str, ca: Path, cert: Path, hostname: str = ""
 ) -> ChannelError:
     if isinstance(exc, TimeoutError):
         return ChannelTimeoutError(
             name, f"TLS handshake: no answer from {peer} in time", errno=errno.ETIMEDOUT
         )
     if isinstance(exc, ssl.SSLError):
-        detail = describe_ssl_error(exc, peer=peer, ca=ca, hostname=hostname)
+        detail = describe_ssl_error(exc, peer=peer, ca=ca, cert=cert, hostname=hostname)
     else:
         detail = os_error_text(exc)
     return TLSError(name, f"TLS handshake failed: {detail}", errno=exc.errno)
@@ -179,10 +209,12 @@ def describe_ssl_error(
     *,
     peer: str = "the peer",
     ca: Path | None = None,
+    cert: Path | None = None,
     hostname: str = "",
 ) -> str:
     """Say which TLS check failed: unknown CA, host name mismatch, missing client
-    certificate, or what the peer's alert says."""
+    certificate, an expired certificate, or what the peer's alert says. `ca` is
+    our CA file, `cert` our own certificate."""
     ca_text = f" in {ca}" if ca else ""
     if isinstance(exc, ssl.SSLCertVerificationError):
         code, why = exc.verify_code, (exc.verify_message or "").rstrip(".")
@@ -202,6 +234,14 @@ def describe_ssl_error(
         )
     if reason in ("TLSV13_ALERT_CERTIFICATE_REQUIRED", "SSLV3_ALERT_HANDSHAKE_FAILURE"):
         return f"client certificate missing: {peer} requires one ({reason})"
+    if reason == "SSLV3_ALERT_CERTIFICATE_EXPIRED":
+        # Our own dates were checked when the creds were loaded: the peer's clock
+        # differs, or the certificate expired since.
+        ours = f" {cert}" if cert else ""
+        return (
+            f"{peer} refused our certificate{ours} as expired ({reason}: check its "
+            "notAfter and both hosts' clocks)"
+        )
     if reason == "TLSV1_ALERT_UNKNOWN_CA":
         return f"unknown CA: {peer} does not trust the CA that signed our certificate"
     if reason in ("SSLV3_ALERT_BAD_CERTIFICATE", "TLSV1_ALERT_DECRYPT_ERROR"):
