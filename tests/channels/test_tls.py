@@ -257,8 +257,12 @@ def test_tls_source_to_plain_destination(
     listen: Callable[..., Listener], client: TLSConfig
 ) -> None:
     listener = listen("tcp:127.0.0.1:0")
-    with pytest.raises(ChannelError, match="main channel: TLS handshake failed"):
+    with pytest.raises(ChannelError) as info:
         connect_channels(listener.uri, header=HEADER, tls=client)
+    assert str(info.value) == (
+        "main channel: TLS handshake failed: the destination closed the connection during "
+        "the TLS handshake (is tls-creds set on the destination?)"
+    )
     assert wait_for_refusal(listener).endswith(
         "this is a TLS handshake: set tls-creds on this side too"
     )

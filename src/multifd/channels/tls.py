@@ -179,7 +179,12 @@ def _handshake_error(
         return ChannelTimeoutError(
             name, f"TLS handshake: no answer from {peer} in time", errno=errno.ETIMEDOUT
         )
-    if isinstance(exc, ssl.SSLError):
+    if isinstance(exc, ssl.SSLEOFError | ConnectionResetError):
+        # A destination without tls-creds reads our ClientHello as a bad channel
+        # magic and hangs up: the EOF is the only answer this side gets.
+        hint = " (is tls-creds set on the destination?)" if peer == "the destination" else ""
+        detail = f"{peer} closed the connection during the TLS handshake{hint}"
+    elif isinstance(exc, ssl.SSLError):
         detail = describe_ssl_error(exc, peer=peer, ca=ca, cert=cert, hostname=hostname)
     else:
         detail = os_error_text(exc)
