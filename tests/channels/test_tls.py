@@ -169,6 +169,44 @@ def test_missing_client_certificate(
 
 
 @pytest.mark.parametrize(
+    ("signer", "why"),
+    [
+        ("other", "unknown CA: the destination does not trust the CA that signed our certificate"),
+        (
+            None,
+            "client certificate missing: the destination requires one "
+            "(TLSV13_ALERT_CERTIFICATE_REQUIRED)",
+        ),
+    ],
+)
+def test_destination_refusing_our_certificate_after_our_handshake(
+    listen: Callable[..., Listener],
+    server: TLSConfig,
+    creds: Creds,
+    other_ca: trustme.CA,
+    signer: str | None,
+    why: str,
+) -> None:
+    """Under TLS 1.3 the source's handshake ends before the destination has
+    checked the source's certificate: the refusal is an alert the source finds
+    when a write fails, and the write's error says what the alert says."""
+    client = TLSConfig(creds("client", client=other_ca if signer else None))
+    listener = listen("tcp:127.0.0.1:0", tls=server)
+    with (
+        pytest.raises(ChannelError) as info,
+        connect_channels(listener.uri, header=HEADER, tls=client) as source,
+    ):
+        wait_for_refusal(listener)
+        for _ in range(64):
+            source.main.write_all(bytes(PAGE))
+    assert re.fullmatch(
+        r"main channel: write failed at stream offset 0x[0-9a-f]+: the destination "
+        r"refused our certificate after the TLS handshake: " + re.escape(why),
+        str(info.value),
+    ), str(info.value)
+
+
+@pytest.mark.parametrize(
     ("valid", "message"),
     [
         ((-10, -1), r"has expired \(notAfter \w{3} [ \d]\d \d\d:\d\d:\d\d \d{4} GMT\)"),

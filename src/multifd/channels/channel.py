@@ -24,7 +24,7 @@ from ._libc import HAVE_VMSPLICE, RecvMsg
 from .errors import ChannelEOFError, ChannelError, ChannelTimeoutError, os_error_text
 from .iovec import IOV_MAX, IOVec
 from .splice import SplicePipe, unsent_bytes
-from .tls import describe_ssl_error
+from .tls import describe_alert_after_handshake, describe_ssl_error
 from .tls_session import TLSSession
 
 # Anything the buffer protocol accepts: bytes, bytearray, memoryview, numpy arrays…
@@ -433,7 +433,9 @@ class Channel:
                 f"could not write for {self._timeout:g} s at stream offset {self.bytes_written:#x}",
                 errno=errno.ETIMEDOUT,
             )
-        return self._failure(f"write failed at stream offset {self.bytes_written:#x}", exc)
+        return self._failure(
+            f"write failed at stream offset {self.bytes_written:#x}", exc, writing=True
+        )
 
     def _drain_full(self, pipe: SplicePipe) -> None:
         if not pipe.queued:  # an empty pipe that takes nothing would loop forever
@@ -489,8 +491,16 @@ class Channel:
                 if not poller.poll(self._timeout * 1000):
                     raise TimeoutError from None
 
-    def _failure(self, what: str, exc: OSError) -> ChannelError:
+    def _failure(self, what: str, exc: OSError, *, writing: bool = False) -> ChannelError:
         detail = describe_ssl_error(exc) if isinstance(exc, ssl.SSLError) else os_error_text(exc)
+        if writing and self._session is not None and not self._shut and _hung_up(exc):
+            # The peer hung up after a TLS alert (under TLS 1.3, the destination's
+            # refusal of our certificate comes after our handshake ended): the
+            # alert, not the broken write, says why.
+            session = self._session
+            alert = session.pending_alert()
+            if alert is not None:
+                detail = describe_alert_after_handshake(alert, server_side=session.server_side)
         if self._shut:
             detail += " (the channel was shut down)"
         if self._process is not None and self._process.poll() is not None:
@@ -609,6 +619,10 @@ class Connections:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+def _hung_up(exc: OSError) -> bool:
+    return isinstance(exc, ssl.SSLEOFError) or exc.errno in (errno.EPIPE, errno.ECONNRESET)
 
 
 def _cause(exc: OSError) -> OSError | None:

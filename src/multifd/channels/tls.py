@@ -209,6 +209,30 @@ def _escape(value: str) -> str:
     return out
 
 
+# Alerts by which a peer refuses the certificate we sent.
+_REFUSALS_OF_OUR_CERTIFICATE = {
+    "TLSV1_ALERT_UNKNOWN_CA",
+    "TLSV13_ALERT_CERTIFICATE_REQUIRED",
+    "SSLV3_ALERT_BAD_CERTIFICATE",
+    "SSLV3_ALERT_CERTIFICATE_EXPIRED",
+    "SSLV3_ALERT_UNSUPPORTED_CERTIFICATE",
+    "SSLV3_ALERT_CERTIFICATE_REVOKED",
+    "SSLV3_ALERT_CERTIFICATE_UNKNOWN",
+    "TLSV1_ALERT_ACCESS_DENIED",
+}
+
+
+def describe_alert_after_handshake(alert: ssl.SSLError, *, server_side: bool) -> str:
+    """What a peer's alert, read once the handshake had ended on our side, says.
+    Under TLS 1.3 the source's handshake ends before the destination has checked
+    the source's certificate: a refusal arrives as an alert on the first write."""
+    peer = "the source" if server_side else "the destination"
+    detail = describe_ssl_error(alert, peer=peer)
+    if alert.reason in _REFUSALS_OF_OUR_CERTIFICATE:
+        return f"{peer} refused our certificate after the TLS handshake: {detail}"
+    return f"{peer} ended the TLS session: {detail}"
+
+
 def describe_ssl_error(
     exc: ssl.SSLError,
     *,

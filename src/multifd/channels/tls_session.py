@@ -8,6 +8,11 @@ import ssl
 import threading
 from typing import Any
 
+# What pending_alert reads past before it gives up: an alert follows at most the
+# data the peer had sent before it refused us.
+_ALERT_READ_SIZE = 16 * 1024
+_ALERT_READS = 64
+
 
 class TLSSession:
     """The I/O of an established `ssl.SSLSocket`, safe from two threads at once.
@@ -62,6 +67,30 @@ class TLSSession:
                 except ssl.SSLWantReadError:
                     event = select.POLLIN
             self._wait(event)
+
+    @property
+    def server_side(self) -> bool:
+        return self._sock.server_side
+
+    def pending_alert(self) -> ssl.SSLError | None:
+        """The alert the peer sent before it hung up, if it is already here: reads
+        what has arrived (application data is dropped, the session has failed)
+        without waiting, `_ALERT_READS` reads at most. Under TLS 1.3 a client's
+        handshake ends before the server has checked the client's certificate,
+        so a refusal comes back as an alert that only a read reports."""
+        scratch = bytearray(_ALERT_READ_SIZE)
+        with self._lock:
+            for _ in range(_ALERT_READS):
+                try:
+                    if not self._sock.recv_into(scratch):
+                        return None
+                except (ssl.SSLWantReadError, ssl.SSLWantWriteError, ssl.SSLEOFError):
+                    return None
+                except ssl.SSLError as exc:
+                    return exc if exc.reason else None
+                except OSError:
+                    return None
+        return None
 
     def getpeercert(self) -> Any:
         with self._lock:
