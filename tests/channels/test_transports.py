@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
 import uuid as uuid_module
 from collections.abc import Callable
 from pathlib import Path
@@ -201,6 +202,52 @@ def test_file_round_trip_at_offset(tmp_path: Path) -> None:
 def test_file_missing_on_the_destination(tmp_path: Path) -> None:
     with pytest.raises(ChannelError, match=r"main channel: cannot open .*No such file"):
         Listener(f"file:{tmp_path / 'absent'}")
+
+
+def _open_fds() -> set[str]:
+    return set(os.listdir("/proc/self/fd"))
+
+
+def test_file_offset_the_file_cannot_take_leaves_it_as_it_was(tmp_path: Path) -> None:
+    """A seek refused (past the file system's largest file) fails naming the file
+    and the offset, closes the file, and truncates nothing."""
+    path = tmp_path / "vm.bin"
+    path.write_bytes(b"keep")
+    before = _open_fds()
+    for listen in (False, True):
+        with pytest.raises(ChannelError) as info:
+            if listen:
+                Listener(f"file:{path},offset=0x7fffffffffffffff")
+            else:
+                connect_channels(f"file:{path},offset=0x7fffffffffffffff", header=HEADER)
+        assert str(info.value) == (
+            f"main channel: cannot use {path} from offset 0x7fffffffffffffff: "
+            "[Errno 22] Invalid argument"
+        )
+    assert _open_fds() == before
+    assert path.read_bytes() == b"keep"
+
+
+def test_file_that_cannot_seek(tmp_path: Path) -> None:
+    """A FIFO takes a migration at offset 0, as QEMU seeks only to a nonzero
+    offset; a nonzero one fails naming the file."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    reader = subprocess.Popen(["cat", str(fifo)], stdout=subprocess.PIPE)
+    try:
+        before = _open_fds()
+        with pytest.raises(ChannelError) as info:
+            connect_channels(f"file:{fifo},offset=4k", header=HEADER)
+        assert str(info.value) == (
+            f"main channel: cannot use {fifo} from offset 0x1000: [Errno 29] Illegal seek"
+        )
+        assert _open_fds() == before
+        with connect_channels(f"file:{fifo}", header=HEADER) as source:
+            source.main.write_all(b"page")
+        assert reader.communicate(timeout=10)[0] == HEADER + b"page"
+    finally:
+        reader.kill()
+        reader.wait()
 
 
 @pytest.mark.parametrize("uri", ["exec:cat", "fd:0", "file:/tmp/x"])

@@ -32,6 +32,7 @@ from multifd.channels import (
         ("file:/tmp/vm.bin,offset=0x1000", FileURI("/tmp/vm.bin", 0x1000)),
         ("file:/tmp/vm.bin,offset=4k", FileURI("/tmp/vm.bin", 4096)),
         ("file:/tmp/a,b.bin,offset=2M", FileURI("/tmp/a,b.bin", 2 << 20)),
+        ("file:/x,offset=0x7fffffffffffffff", FileURI("/x", (1 << 63) - 1)),
     ],
 )
 def test_accepted_forms(text: str, expected: object) -> None:
@@ -80,6 +81,9 @@ def test_parsed_uri_passes_through() -> None:
         ("file:", "needs a path"),
         ("file:/x,offset=-1", "is not a byte count"),
         ("file:,offset=4", "needs a path"),
+        # 9 << 60 and 2^63 do not fit off_t: lseek would raise OverflowError.
+        ("file:/x,offset=9e", "past the largest file offset"),
+        ("file:/x,offset=0x8000000000000000", "past the largest file offset"),
     ],
 )
 def test_malformed_uri_shows_accepted_forms(text: str, problem: str) -> None:

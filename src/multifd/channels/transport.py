@@ -193,17 +193,34 @@ def open_stream(
                 name, f"{uri} is not an open file descriptor: {os_error_text(exc)}", errno=exc.errno
             ) from None
     if isinstance(uri, FileURI):
-        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC if outgoing else os.O_RDONLY
-        try:
-            # QEMU opens with O_TRUNC, then seeks: bytes before the offset read as zeros.
-            fd = os.open(uri.path, flags | os.O_CLOEXEC, 0o600)
-        except OSError as exc:
-            raise ChannelError(
-                name, f"cannot open {uri.path}: {os_error_text(exc)}", errno=exc.errno
-            ) from None
-        os.lseek(fd, uri.offset, os.SEEK_SET)
-        return Channel(fd, name, timeout=timeout)
+        return _open_file(uri, name, outgoing=outgoing, timeout=timeout)
     return _spawn(uri, name, outgoing=outgoing, timeout=timeout)
+
+
+def _open_file(uri: FileURI, name: str, *, outgoing: bool, timeout: float | None) -> Channel:
+    """QEMU (8.2, where file: came) opens with O_TRUNC, then seeks only to a nonzero
+    offset: bytes before it read as zeros, and at offset 0 a FIFO or a device works."""
+    # Truncated only once the seek succeeded: a refused offset leaves the file as it was.
+    flags = os.O_WRONLY | os.O_CREAT if outgoing else os.O_RDONLY
+    try:
+        fd = os.open(uri.path, flags | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise ChannelError(
+            name, f"cannot open {uri.path}: {os_error_text(exc)}", errno=exc.errno
+        ) from None
+    try:
+        if uri.offset:
+            os.lseek(fd, uri.offset, os.SEEK_SET)
+        if outgoing and stat.S_ISREG(os.fstat(fd).st_mode):
+            os.ftruncate(fd, 0)  # O_TRUNC's effect; other kinds of file ignore O_TRUNC
+        return Channel(fd, name, timeout=timeout)
+    except OSError as exc:
+        os.close(fd)
+        raise ChannelError(
+            name,
+            f"cannot use {uri.path} from offset {uri.offset:#x}: {os_error_text(exc)}",
+            errno=exc.errno,
+        ) from None
 
 
 def _spawn(uri: ExecURI, name: str, *, outgoing: bool, timeout: float | None) -> Channel:

@@ -16,6 +16,9 @@ ACCEPTED_FORMS = (
 # sun_path is 108 bytes on Linux, one of which is the terminating NUL.
 UNIX_PATH_MAX = 107
 
+# off_t is a signed 64-bit count: lseek(2) takes no offset past this.
+MAX_FILE_OFFSET = (1 << 63) - 1
+
 _SIZE_SUFFIXES = {"": 0, "b": 0, "k": 10, "m": 20, "g": 30, "t": 40, "p": 50, "e": 60}
 
 
@@ -189,4 +192,9 @@ def _parse_size(text: str, value: str) -> int:
     match = re.fullmatch(r"(0x[0-9a-fA-F]+|[0-9]+)([bkmgtpeBKMGTPE]?)", value)
     if match is None:
         raise URIError(text, f"offset {value!r} is not a byte count (e.g. 4096, 0x1000, 4k)")
-    return int(match.group(1), 0) << _SIZE_SUFFIXES[match.group(2).lower()]
+    size = int(match.group(1), 0) << _SIZE_SUFFIXES[match.group(2).lower()]
+    if size > MAX_FILE_OFFSET:
+        raise URIError(
+            text, f"offset {value!r} ({size} bytes) is past the largest file offset, 2^63 - 1"
+        )
+    return size
