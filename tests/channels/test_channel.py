@@ -202,6 +202,44 @@ def test_shutdown_wakes_a_blocked_reader(background: Callable[..., Any]) -> None
             blocked.result()
 
 
+@pytest.mark.parametrize("timeout", [None, 30.0])
+def test_shutdown_wakes_a_reader_blocked_on_a_pipe(
+    background: Callable[..., Any], timeout: float | None
+) -> None:
+    """As on a socket, with or without a timeout: a pipe has no shutdown(2)."""
+    r, w = os.pipe()
+    with Channel(w, "channel 0") as writer, Channel(r, "channel 0", timeout=timeout) as reader:
+        blocked = background(reader.read_exact, 10)
+        reader.shutdown()
+        try:
+            with pytest.raises(ChannelError) as info:
+                blocked.result(5)
+        finally:
+            writer.close()  # ends a read that shutdown() did not
+        assert str(info.value) == (
+            "channel 0: shut down while reading (0 of 10 bytes read at stream offset 0x0)"
+        )
+
+
+@pytest.mark.parametrize("timeout", [None, 30.0])
+def test_shutdown_wakes_a_writer_blocked_on_a_pipe(
+    background: Callable[..., Any], timeout: float | None
+) -> None:
+    r, w = os.pipe()
+    with Channel(r, "channel 0") as reader, Channel(w, "channel 0", timeout=timeout) as writer:
+        blocked = background(writer.write_all, bytes(64 << 20))
+        writer.shutdown()
+        try:
+            with pytest.raises(ChannelError) as info:
+                blocked.result(5)
+        finally:
+            reader.close()  # ends a write that shutdown() did not
+        assert str(info.value).startswith("channel 0: write failed at stream offset 0x")
+        assert str(info.value).endswith(
+            "[Errno 125] Operation canceled (the channel was shut down)"
+        )
+
+
 def test_close_is_idempotent_and_shutdown_after_close_is_harmless() -> None:
     a, b = socket.socketpair()
     channel = Channel(a, "main channel")

@@ -3,9 +3,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import socket
 import subprocess
+import time
 import uuid as uuid_module
 from collections.abc import Callable
 from pathlib import Path
@@ -14,6 +17,7 @@ from typing import Any
 import pytest
 
 from multifd.channels import (
+    ChannelEOFError,
     ChannelError,
     Connections,
     Listener,
@@ -22,6 +26,9 @@ from multifd.channels import (
     URIError,
     connect_channels,
 )
+from multifd.channels.channel import EXEC_KILL_GRACE
+from multifd.channels.transport import open_stream
+from multifd.channels.uri import ExecURI
 from multifd.wire import FileHeader
 
 HEADER = FileHeader().pack() + b"\x07\x00\x00\x00\x03pc"  # header + a configuration start
@@ -184,6 +191,46 @@ def test_exec_command_that_cannot_read_gives_a_write_error() -> None:
             source.main.write_all(bytes(1 << 16))
     assert str(info.value).startswith("main channel: write failed")
     assert "Broken pipe" in str(info.value)
+
+
+def test_exec_destination_names_the_exit_status_of_a_command_that_failed() -> None:
+    channel = open_stream(ExecURI("exit 3"), "main channel", outgoing=False)
+    with channel, pytest.raises(ChannelEOFError) as info:
+        channel.read_exact(4)
+    assert str(info.value) == (
+        "main channel: peer closed the stream 4 bytes short: got 0 of 4 bytes read at "
+        "stream offset 0x0 (exec: command exited with status 3)"
+    )
+
+
+def test_exec_command_that_ignores_sigterm_is_killed_soon_after_shutdown(
+    tmp_path: Path, background: Callable[..., Any]
+) -> None:
+    """A writer blocked on a command that neither reads nor stops on SIGTERM wakes
+    at shutdown(), and close() kills the command after EXEC_KILL_GRACE."""
+    ready = tmp_path / "pid"
+    channel = open_stream(
+        ExecURI(f"trap '' TERM; echo $$ > {ready}.new; mv {ready}.new {ready}; exec sleep 60"),
+        "main channel",
+        outgoing=True,
+        timeout=None,
+    )
+    try:
+        blocked = background(channel.write_all, bytes(64 << 20))
+        deadline = time.monotonic() + 10
+        while not ready.exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        channel.shutdown()
+        with pytest.raises(ChannelError, match="main channel: write failed at stream offset"):
+            blocked.result(5)
+        start = time.monotonic()
+        channel.close()
+        assert time.monotonic() - start < EXEC_KILL_GRACE + 2
+        assert channel.exit_status == -signal.SIGKILL
+    finally:
+        with contextlib.suppress(OSError, ValueError):
+            os.killpg(int(ready.read_text()), signal.SIGKILL)  # a failed test leaves none
+        channel.close()
 
 
 def test_file_round_trip_at_offset(tmp_path: Path) -> None:

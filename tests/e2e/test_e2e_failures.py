@@ -303,3 +303,14 @@ def test_more_source_channels_than_destination_fails_not_corrupts(
     finally:
         source_block.close()
         destination_block.close()
+
+
+def test_destination_exec_command_that_fails_names_its_exit_status() -> None:
+    with RAMBlock.anonymous("pc.ram", 1 * MiB) as block:
+        destination = MigrationDestination(
+            [block], capabilities={"multifd": False}, parameters={"x-io-timeout": 5}
+        )
+        destination.incoming("exec:exit 3")
+        info = destination.wait(FINISH_TIMEOUT)
+    assert info["status"] == "failed"
+    assert info["error-desc"].endswith("(exec: command exited with status 3))")

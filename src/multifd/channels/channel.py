@@ -33,6 +33,12 @@ Buffer = bytes | bytearray | memoryview
 # A finished exec: command gets this long to exit after its pipe is closed before it
 # is killed; killing earlier could cut short a command still writing out the stream.
 EXEC_EXIT_TIMEOUT = 30.0
+# After shutdown() asked it to stop (SIGTERM), a command gets this long before it is
+# killed: one that ignores SIGTERM must not hold up a cancel.
+EXEC_KILL_GRACE = 1.0
+# How long the end of an exec: command's output waits for its exit status: the
+# command closes its output as it exits, but is reaped a moment later.
+EXEC_STATUS_WAIT = 1.0
 
 _READ_CHUNK = 64 * 1024
 # Capped by net.core.wmem_max (4 MiB on this class of machine).
@@ -92,6 +98,13 @@ class Channel:
         # it: under TLS that needs TLSSession (OpenSSL takes one call at a time).
         self._session = TLSSession(stream) if isinstance(stream, ssl.SSLSocket) else None
         self._process = process
+        # A pipe or file is non-blocking and waited on with poll() beside this
+        # eventfd, which shutdown() makes readable: nothing else wakes a thread
+        # blocked on a pipe. Sockets have shutdown(2) instead.
+        self._wake: int | None = None
+        if self._sock is None:
+            self._wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+            os.set_blocking(self._fd, False)
         # Bytes already taken off the stream (the listener reads the first four to
         # tell channels apart) that the next reads return first. MSG_PEEK cannot do
         # this job under TLS.
@@ -153,11 +166,6 @@ class Channel:
             timeval = _timeval(value)
             self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
             self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
-        else:
-            # With a timeout a pipe must not block: a blocking pipe write waits until
-            # every byte is in, however long that takes. Without one, blocking I/O
-            # is simplest.
-            os.set_blocking(self._fd, value is None)
 
     @property
     def duplex(self) -> bool:
@@ -223,7 +231,7 @@ class Channel:
             self._fill(iov.views(), iov.total)
         except ChannelEOFError as exc:
             raise ChannelEOFError(
-                self.name, missing=exc.missing, wanted=total, offset=start
+                self.name, missing=exc.missing, wanted=total, offset=start, note=exc.note
             ) from None
 
     def read_some_into(self, buffer: bytearray | memoryview) -> int:
@@ -306,7 +314,13 @@ class Channel:
                         f"offset {start:#x})",
                         errno=errno.ECANCELED,
                     )
-                raise ChannelEOFError(self.name, missing=total - got, wanted=total, offset=start)
+                raise ChannelEOFError(
+                    self.name,
+                    missing=total - got,
+                    wanted=total,
+                    offset=start,
+                    note=self.end_note(),
+                )
             got += n
             views = _advance(views, n)
         self.bytes_read = start + total
@@ -479,17 +493,35 @@ class Channel:
     def _fd_io(
         self, call: Callable[[int, list[memoryview]], int], views: list[memoryview], event: int
     ) -> int:
-        """readv/writev on a pipe or file; with a timeout the descriptor is non-blocking
-        and poll() waits for it (files are always ready)."""
+        """readv/writev on a pipe or file, whose descriptor is non-blocking: poll()
+        waits for it or for shutdown() (files are always ready)."""
+        assert self._wake is not None
         while True:
             try:
                 return call(self._fd, views[:IOV_MAX])
             except BlockingIOError:
                 poller = select.poll()
                 poller.register(self._fd, event)
-                assert self._timeout is not None
-                if not poller.poll(self._timeout * 1000):
+                poller.register(self._wake, select.POLLIN)
+                ready = poller.poll(None if self._timeout is None else self._timeout * 1000)
+                if not ready:
                     raise TimeoutError from None
+                if any(fd == self._wake for fd, _ in ready):
+                    if event == select.POLLIN:
+                        return 0  # as a shut-down socket's read ends
+                    raise OSError(errno.ECANCELED, os.strerror(errno.ECANCELED)) from None
+
+    def end_note(self) -> str:
+        """Why the stream ended, where the channel knows: an exec: command's exit
+        status, if it exits within EXEC_STATUS_WAIT (a stream that ends early is
+        most often a command that failed); empty otherwise."""
+        if self._process is None:
+            return ""
+        try:
+            status = self._process.wait(timeout=EXEC_STATUS_WAIT)
+        except subprocess.TimeoutExpired:
+            return ""
+        return f"exec: command exited with status {status}"
 
     def _failure(self, what: str, exc: OSError, *, writing: bool = False) -> ChannelError:
         detail = describe_ssl_error(exc) if isinstance(exc, ssl.SSLError) else os_error_text(exc)
@@ -512,9 +544,9 @@ class Channel:
     def shutdown(self) -> None:
         """Make blocked reads and writes in other threads return (with an error).
 
-        Sockets are shut down both ways; an exec: command's process group is
-        terminated. A pipe passed as fd: cannot be interrupted: give it a timeout
-        if a reader might block on it.
+        Sockets are shut down both ways; a pipe's or file's waits end; an exec:
+        command's process group is terminated (killed on close() if it has not
+        ended within EXEC_KILL_GRACE).
         """
         with self._lock:
             if self._closed or self._shut:
@@ -525,7 +557,10 @@ class Channel:
                 # the TLS state that a reader blocked in another thread still uses.
                 with contextlib.suppress(OSError):
                     socket.socket.shutdown(self._sock, socket.SHUT_RDWR)
-            elif self._process is not None and self._process.returncode is None:
+                return
+            assert self._wake is not None
+            os.eventfd_write(self._wake, 1)
+            if self._process is not None and self._process.returncode is None:
                 # The command runs in its own process group (see transport.py):
                 # killing the group also stops what the shell started.
                 with contextlib.suppress(ProcessLookupError):
@@ -552,9 +587,11 @@ class Channel:
             self._sock.close()
         else:
             os.close(self._fd)
+        if self._wake is not None:
+            os.close(self._wake)
         if self._process is not None:
             try:
-                self._process.wait(timeout=EXEC_EXIT_TIMEOUT)
+                self._process.wait(timeout=EXEC_KILL_GRACE if self._shut else EXEC_EXIT_TIMEOUT)
             except subprocess.TimeoutExpired:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(self._process.pid, signal.SIGKILL)

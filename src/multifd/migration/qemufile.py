@@ -73,9 +73,11 @@ class QEMUFileReader:
             if not self._refill():
                 have = self._available()
                 self._pos = len(self._buffer)
+                note = self.channel.end_note()
                 raise EOFError(
                     f"{self.channel.name}: peer closed the stream {n - have} bytes short of {n} "
                     f"at stream offset {self.channel.bytes_read - have:#x}"
+                    + (f" ({note})" if note else "")
                 )
         data = bytes(self._buffer[self._pos : self._pos + n])
         self._pos += n
