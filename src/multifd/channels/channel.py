@@ -515,10 +515,14 @@ class Channel:
         """Why the stream ended, where the channel knows: an exec: command's exit
         status, if it exits within EXEC_STATUS_WAIT (a stream that ends early is
         most often a command that failed); empty otherwise."""
+        return self._exit_status(EXEC_STATUS_WAIT)
+
+    def _exit_status(self, wait: float) -> str:
+        """An exec: command's exit status, if it exits within `wait` seconds."""
         if self._process is None:
             return ""
         try:
-            status = self._process.wait(timeout=EXEC_STATUS_WAIT)
+            status = self._process.wait(timeout=wait)
         except subprocess.TimeoutExpired:
             return ""
         return f"exec: command exited with status {status}"
@@ -535,8 +539,8 @@ class Channel:
                 detail = describe_alert_after_handshake(alert, server_side=session.server_side)
         if self._shut:
             detail += " (the channel was shut down)"
-        if self._process is not None and self._process.poll() is not None:
-            detail += f" (exec: command exited with status {self._process.returncode})"
+        if exited := self._exit_status(0):
+            detail += f" ({exited})"
         return ChannelError(self.name, f"{what}: {detail}", errno=exc.errno)
 
     # ---- ending ----------------------------------------------------------------
