@@ -18,10 +18,11 @@ from ..memory import RAMBlock
 from ..migration.source import MigrationSource
 from ..qemu.launch import qemu_binary
 from ..qemu.snapshot import SnapshotError, save
+from ..qemu.snapshot_folder import file_sha256
 from ..wire import BufferSource, Reader
 from ..wire.stream import Configuration, read_configuration
 from ._sampling import process_cpu_seconds
-from .content import BLOCK_NAME, Content, file_sha256
+from .content import BLOCK_NAME, Content
 from .endpoint import DestinationProcess, DestinationSpec
 from .loopback import Loopback
 from .options import BULK_DOWNTIME_LIMIT_MS, PAIRINGS, BenchOptions

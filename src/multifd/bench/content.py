@@ -3,7 +3,6 @@ pages and 25 % zero pages from a fixed seed, filled once and hashed once."""
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,14 +11,6 @@ from ..memory import RAMBlock
 from .options import DATA_FRACTION, SEED
 
 BLOCK_NAME = "mem"  # QEMU's name for RAM given with -machine memory-backend=mem
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(8 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ class SnapshotError(RuntimeError):
 
 
 def file_sha256(path: Path) -> str:
+    """Hex SHA-256 of a file, read a few MiB at a time (block files are GiBs)."""
     digest = hashlib.sha256()
     with path.open("rb") as f:
         while chunk := f.read(1 << 22):
