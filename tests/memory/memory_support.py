@@ -36,6 +36,33 @@ def present_pages(block: RAMBlock) -> int:
     return int(np.count_nonzero(entries >> np.uint64(63)))
 
 
+def mapping_fields(block: RAMBlock) -> dict[str, str]:
+    """The /proc/self/smaps fields of the mapping that holds the block's first page."""
+    fields: dict[str, str] = {}
+    inside = False
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            head, _, rest = line.partition(" ")
+            if "-" in head and not head.endswith(":"):
+                if inside:
+                    break
+                low, high = (int(bound, 16) for bound in head.split("-"))
+                inside = low <= block.address < high
+            elif inside:
+                fields[head.rstrip(":")] = rest.strip()
+    return fields
+
+
+def anonymous_thp_mode() -> str:
+    """The kernel's transparent huge page mode for anonymous memory
+    (always, madvise or never), "never" where it has no THP."""
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as mode:
+            return mode.read().split("[")[1].split("]")[0]
+    except (OSError, IndexError):
+        return "never"
+
+
 def open_fds() -> set[int]:
     return {int(name) for name in os.listdir("/proc/self/fd")}
 

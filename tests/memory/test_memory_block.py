@@ -10,7 +10,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from memory_support import ALL_KINDS, BlockMaker, MiB, open_fds, present_pages
+from memory_support import (
+    ALL_KINDS,
+    BlockMaker,
+    MiB,
+    anonymous_thp_mode,
+    mapping_fields,
+    open_fds,
+    present_pages,
+)
 
 from multifd.memory import PAGE_SIZE, FileTooShortError, RAMBlock, validate_name
 from multifd.memory import block as block_module
@@ -124,6 +132,15 @@ def test_only_file_and_memfd_blocks_have_an_alias(make_block: BlockMaker, kind: 
     block.close()
     with pytest.raises(ValueError, match=f"RAMBlock '{block.name}' is closed"):
         block.alias()
+
+
+def test_anonymous_blocks_ask_for_transparent_huge_pages() -> None:
+    # As QEMU does for its RAM; with THP set to "madvise" (as on these
+    # machines), nothing else makes the mapping eligible.
+    if anonymous_thp_mode() == "never":
+        pytest.skip("transparent huge pages are off in this kernel")
+    with RAMBlock.anonymous("huge", 4 * MiB) as block:
+        assert mapping_fields(block)["THPeligible"] == "1"
 
 
 def test_a_file_blocks_fd_stays_private(tmp_path: Path) -> None:

@@ -9,7 +9,15 @@ import threading
 
 import numpy as np
 import pytest
-from memory_support import PATTERN, BlockMaker, MiB, present_pages, write_pages
+from memory_support import (
+    PATTERN,
+    BlockMaker,
+    MiB,
+    anonymous_thp_mode,
+    mapping_fields,
+    present_pages,
+    write_pages,
+)
 
 from multifd.memory import PAGE_SIZE, KernelTracker, RAMBlock, TrackerUnavailable
 from multifd.memory.tracking import kernel as kernel_module
@@ -48,6 +56,29 @@ def test_writes_by_the_kernel_are_seen(make_block: BlockMaker) -> None:
         left.sendall(b"x" * (2 * PAGE_SIZE))
         assert right.recv_into(block.page(40, count=2)) == 2 * PAGE_SIZE
         assert tracker.collect().indices().tolist() == [40, 41]
+
+
+def test_huge_pages_are_tracked_page_by_page() -> None:
+    # Anonymous blocks ask for transparent huge pages. Protecting a huge page
+    # protects 2 MiB at once; the first write to it must split it, so that one
+    # written 4 KiB page is reported, not the 511 around it.
+    if anonymous_thp_mode() == "never":
+        pytest.skip("transparent huge pages are off in this kernel")
+    with RAMBlock.anonymous("huge", 8 * MiB) as block:
+        block.array[:] = 1  # huge pages in, as a running workload has them
+        if mapping_fields(block)["AnonHugePages"] == "0 kB":
+            pytest.skip("no huge page free to back the block")
+        with KernelTracker(block) as tracker:
+            tracker.start()
+            _writes_are_reported_exactly(block, tracker)
+
+
+def _writes_are_reported_exactly(block: RAMBlock, tracker: KernelTracker) -> None:
+    rng = np.random.default_rng(7)
+    for round_ in range(3):
+        pages = np.unique(rng.integers(0, block.pages, 40))
+        write_pages(block, pages)
+        assert tracker.collect().indices().tolist() == pages.tolist(), f"round {round_}"
 
 
 def test_scans_larger_than_the_region_vector_go_on_from_walk_end(

