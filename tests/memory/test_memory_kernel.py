@@ -206,6 +206,27 @@ def test_file_and_memfd_blocks_are_read_through_an_alias(make_block: BlockMaker,
     assert reader.closed and not block.closed
 
 
+@pytest.mark.parametrize("kind", ["memfd", "shm-file"])
+def test_pages_this_process_has_mapped_are_read_in_place(make_block: BlockMaker, kind: str) -> None:
+    """A workload in this process has its pages mapped already: reading them
+    in place costs no fault, where the alias would map each of them again."""
+    block = make_block(kind, MiB)  # 256 pages
+    block.page_rows()[:128, 0] = 1  # the first half written, so mapped in
+    with KernelTracker(block) as tracker:
+        tracker.start()
+        assert tracker.reader_for(0, 128) is block
+        assert tracker.reader_for(8, 16) is block
+        # Mapped but for one page in 16: in place still; any fewer: the alias.
+        assert tracker.reader_for(113, 16) is block
+        assert tracker.reader_for(112, 32) is tracker.reader is not block
+        assert tracker.reader_for(128, 128) is tracker.reader
+        before = present_pages(tracker.reader)
+        int(tracker.reader_for(0, 128).page_rows(np.uint64)[:128, 0].sum())
+        assert present_pages(tracker.reader) == before  # nothing mapped twice
+        write_pages(block, PATTERN)
+        assert np.array_equal(tracker.collect().indices(), PATTERN)
+
+
 @pytest.mark.parametrize("kind", ["anonymous", "shared-anonymous"])
 def test_other_blocks_are_read_in_place_mapped_in_first(make_block: BlockMaker, kind: str) -> None:
     block = make_block(kind, MiB)
@@ -213,5 +234,6 @@ def test_other_blocks_are_read_in_place_mapped_in_first(make_block: BlockMaker, 
         assert tracker.reader is block
         tracker.start()
         assert present_pages(block) == block.pages
+        assert tracker.reader_for(0, block.pages) is block
         write_pages(block, PATTERN)
         assert np.array_equal(tracker.collect().indices(), PATTERN)

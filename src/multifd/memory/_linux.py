@@ -40,6 +40,7 @@ UFFDIO_WRITEPROTECT_IOCTL_BIT = 1 << 0x06
 PM_SCAN_WP_MATCHING = 1 << 0
 PM_SCAN_CHECK_WPASYNC = 1 << 1
 PAGE_IS_WRITTEN = 1 << 1
+PAGE_IS_PRESENT = 1 << 3
 
 # Per-architecture number of the userfaultfd syscall; 282 is the generic table.
 _SYS_USERFAULTFD = {"x86_64": 323, "aarch64": 282, "arm64": 282, "riscv64": 282}

@@ -660,14 +660,15 @@ class MigrationSource(Endpoint):
             else None
         )
         for tracker, pages in zip(trackers, dirty, strict=True):
-            block = tracker.reader  # the block's memory, maybe through an alias
-            buffer = block.buffer
             for first in range(0, len(pages), CHUNK_PAGES):
                 if self._cancel.is_set() or self.state.error is not None:
                     raise MigrationAborted
                 chunk = pages[first : first + CHUNK_PAGES]
                 low, high = int(chunk[0]), int(chunk[-1])
                 tracker.cover(low, high - low + 1)
+                # The block's memory, maybe through an alias: the same pages.
+                block = tracker.reader_for(low, high - low + 1)
+                buffer = block.buffer
                 # Strictly increasing (see above): as long as its span, a run.
                 run = high - low + 1 == len(chunk)
                 zero = zero_mask(block, range(low, high + 1) if run else chunk)

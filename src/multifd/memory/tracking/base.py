@@ -46,6 +46,11 @@ class DirtyTracker(Protocol):
         the same memory that tracking does not slow down (see KernelTracker)."""
         ...
 
+    def reader_for(self, first: int, count: int) -> RAMBlock:
+        """Where to read pages [first, first+count) now: `reader`, or the block
+        itself where that is cheaper."""
+        ...
+
     def start(self, *, lazy: bool = False) -> None: ...
 
     def cover(self, first: int, count: int) -> None: ...
@@ -88,6 +93,9 @@ class TrackerBase(ABC):
     @property
     def reader(self) -> RAMBlock:
         return self.block
+
+    def reader_for(self, first: int, count: int) -> RAMBlock:
+        return self.reader
 
     def cover(self, first: int, count: int) -> None:
         """Pages [first, first+count) are about to be read: track them from now
