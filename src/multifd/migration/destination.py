@@ -210,7 +210,7 @@ class MigrationDestination(Endpoint):
             # From the source's stop to our resume, both clocks on this host.
             info["x-downtime"] = int(self._downtime * 1000)
         stats = self._receiver.stats if self._receiver is not None else self._last_channel_stats
-        ram = self.ram.to_json(sum(c.bytes for c in stats))
+        ram = self.ram.to_json(sum(c.counted_bytes for c in stats))
         repeated = self._receiver.repeated if self._receiver is not None else self._repeated
         ram["normal"] += sum(c.pages for c in stats) - repeated
         ram["normal-bytes"] = ram["normal"] * TARGET_PAGE_SIZE

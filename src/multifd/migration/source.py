@@ -265,7 +265,7 @@ class MigrationSource(Endpoint):
             info["downtime"] = int(self._downtime * 1000)
         else:
             info["expected-downtime"] = int(self._expected_downtime * 1000)
-        multifd_bytes = sum(c.bytes for c in self._channel_stats())
+        multifd_bytes = sum(c.counted_bytes for c in self._channel_stats())
         self.ram.main_bytes = self._main.bytes_written if self._main is not None else 0
         info["ram"] = self.ram.to_json(multifd_bytes)
         if self._throttle_percent:
@@ -644,7 +644,8 @@ class MigrationSource(Endpoint):
     # -- sending --------------------------------------------------------------
 
     def _bytes_sent(self) -> int:
-        multifd = sum(c.bytes for c in self._sender.stats) if self._sender else 0
+        """Bytes sent as QEMU 7.2 counts them: pages before compression."""
+        multifd = sum(c.counted_bytes for c in self._sender.stats) if self._sender else 0
         return self._main.bytes_written + multifd
 
     def _send_pages(self, trackers: list, dirty: list, *, paced: bool) -> None:

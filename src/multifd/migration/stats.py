@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..wire import PACKET_HEADER_SIZE, TARGET_PAGE_SIZE
+
 
 class MigrationAborted(Exception):
     """The migration stopped (a channel failed, or cancel): stop what you do now."""
@@ -14,12 +16,21 @@ class ChannelStats:
     """What one multifd channel did; kept after a failure, with its error."""
 
     id: int
-    bytes: int = 0
+    bytes: int = 0  # on the wire: compressed payloads as they went
     packets: int = 0
     sync_packets: int = 0
     pages: int = 0
     busy_ns: int = 0  # time in compression and socket calls
     error: str | None = None
+
+    @property
+    def counted_bytes(self) -> int:
+        """This channel's share of multifd-bytes as QEMU 7.2 counts it: every
+        packet's header and its pages before compression (multifd_send_pages
+        adds pages * page size + packet_len). With compression that is more
+        than `bytes`; the switchover's bandwidth is measured in the same unit as
+        the remaining bytes it is divided into, as QEMU's is."""
+        return self.packets * PACKET_HEADER_SIZE + self.pages * TARGET_PAGE_SIZE
 
     def to_json(self) -> dict:
         return {
