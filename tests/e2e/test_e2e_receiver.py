@@ -4,8 +4,10 @@ that ends after the pages, or inside the next header, is told apart."""
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
+import zlib
 from collections.abc import Iterator
 
 import numpy as np
@@ -234,3 +236,50 @@ def test_zero_pages_in_9_0_packets_clear_only_what_may_hold_data(
         theirs.close()
         rx.close()
         block.close()
+
+
+@contextlib.contextmanager
+def _receiving(
+    compression: Compression,
+) -> Iterator[tuple[MultifdReceiver, socket.socket, np.ndarray, list[str]]]:
+    ours, theirs = socket.socketpair()
+    block = np.zeros(BLOCK_PAGES * PAGE, dtype=np.uint8)
+    errors: list[str] = []
+    rx = MultifdReceiver(
+        [Channel(ours, "channel 0", timeout=10)], compression=compression, on_error=errors.append
+    )
+    rx.set_blocks({"pc.ram": block}, ReceivedPages({}))
+    rx.start()
+    try:
+        yield rx, theirs, block, errors
+    finally:
+        theirs.close()
+        rx.close()
+
+
+def _zlib_packet(pages: list[int], num: int, payload: bytes) -> bytes:
+    offsets = np.array(pages, dtype=np.uint64) * PAGE
+    header = MultiFDPacket.for_pages(
+        "pc.ram", offsets, flags=0x02, packet_num=num, payload_size=len(payload)
+    ).pack()
+    return header + payload
+
+
+@pytest.mark.parametrize("packets", [1, 2])
+def test_a_zlib_stream_finished_inside_a_packet_is_refused_at_that_packet(packets: int) -> None:
+    """A channel's zlib stream lasts the whole migration (each packet ends in
+    Z_SYNC_FLUSH); QEMU's inflate refuses one that ends (Z_STREAM_END). Refused
+    at the packet that ended it, even when it is the channel's last one, with
+    the byte where its payload begins."""
+    page = bytes([0x42]) * PAGE
+    stream = _zlib_packet([1], 0, zlib.compress(page))
+    if packets == 2:
+        follow = zlib.compressobj(1)
+        stream += _zlib_packet([2], 1, follow.compress(page) + follow.flush(zlib.Z_SYNC_FLUSH))
+    with _receiving(Compression.ZLIB) as (rx, peer, _, errors):
+        peer.sendall(stream)
+        peer.shutdown(socket.SHUT_WR)
+        _run_out(rx)
+    assert len(errors) == 1, errors
+    assert errors[0].startswith(f"channel 0: packet 0: byte {PACKET_HEADER_SIZE:#x}: ")
+    assert "Z_FINISH" in errors[0]

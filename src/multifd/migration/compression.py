@@ -57,6 +57,16 @@ class ZlibDecompressor:
             data = self._stream.decompress(payload, expected + 1)
         except zlib.error as exc:
             raise WireError(f"zlib payload: {exc}", where=where) from None
+        if self._stream.eof:
+            # The channel's stream lasts the whole migration: QEMU's inflate
+            # refuses Z_STREAM_END, and the stream could not go on past it.
+            raise WireError(
+                "zlib payload ends the channel's zlib stream (Z_FINISH); a source "
+                "only flushes it (Z_SYNC_FLUSH), as every later packet continues it",
+                where=where,
+                field="payload",
+                expected="Z_SYNC_FLUSH",
+            )
         return _exact(data, expected, "zlib", where)
 
 

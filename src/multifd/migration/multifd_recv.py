@@ -510,7 +510,9 @@ class MultifdReceiver:
             else:
                 aligned = not np.bitwise_and(data_offsets, TARGET_PAGE_SIZE - 1).any()
                 payload = rc.channel.read_exact(packet.next_packet_size)
-                data = rc.decompressor.decompress(payload, normal * TARGET_PAGE_SIZE, where)
+                # An error in the payload points at its first byte, after the header.
+                at = where.at((where.offset or 0) + PACKET_HEADER_SIZE)
+                data = rc.decompressor.decompress(payload, normal * TARGET_PAGE_SIZE, at)
                 pages = np.frombuffer(data, dtype=np.uint8).reshape(normal, TARGET_PAGE_SIZE)
                 _scatter(array, data_offsets, pages, aligned)
             self._note(rc, name, data_offsets.astype(">u8").tobytes())
