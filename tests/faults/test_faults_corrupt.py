@@ -34,11 +34,47 @@ def truncated_zstd(header: bytearray, payload: bytes) -> bytes:
     return payload[:size]
 
 
+def garbage_payload(header: bytearray, payload: bytes) -> bytes:
+    return bytes(len(payload))  # zeros: no valid zlib or zstd data begins so
+
+
+def oversized_size(header: bytearray, payload: bytes) -> bytes:
+    header[20:24] = struct.pack(">I", 0xFFFF_FFF0)
+    return payload
+
+
+def pages_beyond_payload(header: bytearray, payload: bytes) -> bytes | None:
+    # One page more than the payload holds (as long as a packet has room).
+    normal = struct.unpack_from(">I", header, 16)[0]
+    if normal >= 128:
+        return None
+    header[16:20] = struct.pack(">I", normal + 1)
+    header[OFFSETS_AT + 8 * normal : OFFSETS_AT + 8 * normal + 8] = struct.pack(">Q", 0)
+    return payload
+
+
+def other_method_flag(header: bytearray, payload: bytes) -> bytes:
+    header[11] ^= 0x06  # zlib <-> zstd
+    return payload
+
+
+def flag_cleared(header: bytearray, payload: bytes) -> bytes:
+    header[11] &= ~0x06
+    return payload
+
+
 CASES = {
     "flipped bit in the magic": (flip_magic_bit, "none", ("magic",)),
     "page offset out of range": (offset_out_of_range, "none", ("0x7ffff000", "pc.ram")),
     "wrong block name": (wrong_block_name, "none", ("nosuch",)),
-    "truncated zstd payload": (truncated_zstd, "zstd", ()),
+    "truncated zstd payload": (truncated_zstd, "zstd", ("zstd", "decompressed to")),
+    "corrupt zlib payload": (garbage_payload, "zlib", ("zlib payload",)),
+    "corrupt zstd payload": (garbage_payload, "zstd", ("zstd payload",)),
+    "oversized zlib size": (oversized_size, "zlib", ("next_packet_size", "0xfffffff0")),
+    "zstd pages beyond payload": (pages_beyond_payload, "zstd", ("decompressed to",)),
+    "zstd flag on zlib": (other_method_flag, "zlib", ("flags received 0x4 flags expected 0x2",)),
+    "zlib flag on zstd": (other_method_flag, "zstd", ("flags received 0x2 flags expected 0x4",)),
+    "no flag on zlib": (flag_cleared, "zlib", ("flags received 0x0 flags expected 0x2",)),
 }
 
 
