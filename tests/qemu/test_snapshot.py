@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -21,6 +23,8 @@ import pytest
 from multifd.control import StopRequest
 from multifd.memory import RAMBlock
 from multifd.migration.destination import MigrationDestination
+from multifd.migration.source import MigrationSource
+from multifd.qemu import snapshot
 from multifd.qemu.guest import TEST_END, check_counters, counters
 from multifd.qemu.launch import QemuVM
 from multifd.qemu.snapshot import SnapshotError, SnapshotStopped, restore, save
@@ -88,6 +92,43 @@ def test_save_and_restore_a_live_vm(tmp_path: Path, channels: int, compression: 
         later = counters(_pmem(vm, tmp_path / "later.bin", TEST_END))
         assert check_counters(later) is None
         assert not np.array_equal(later, counters(snapshot_ram))  # the guest kept going
+
+
+@pytest.mark.parametrize(
+    ("method", "qemu_level", "our_level", "channels"),
+    [("zlib", 9, 0, 3), ("zstd", 9, 12, 4)],
+)
+def test_compression_levels_and_more_channels_both_ways(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    method: str,
+    qemu_level: int,
+    our_level: int,
+    channels: int,
+) -> None:
+    """Levels other than the default on each side (zlib 0: stored blocks),
+    more channels: QEMU 7.2's streams decode here, ours decode in QEMU, and the
+    restored memory is exactly the snapshot's."""
+    with QemuVM(tmp_path, "source") as vm:
+        vm.wait_for_serial(b"BB")
+        with vm.connect() as qmp:
+            qmp.execute("migrate-set-parameters", {f"multifd-{method}-level": qemu_level})
+        folder = tmp_path / "snapshot"
+        manifest = save(vm.qmp, folder, channels=channels, compression=method)
+    assert manifest["destination"]["x-ram"]["normal"] == manifest["query-migrate"]["ram"]["normal"]
+    snapshot_ram = np.fromfile(folder / "pc.ram", dtype=np.uint8)
+    assert check_counters(counters(snapshot_ram)) is None
+
+    def source_at_level(*args: Any, parameters: dict[str, Any], **kwargs: Any) -> MigrationSource:
+        # restore() takes no level: its source is given ours.
+        parameters = {**parameters, f"multifd-{method}-level": our_level}
+        return MigrationSource(*args, parameters=parameters, **kwargs)
+
+    monkeypatch.setattr(snapshot, "MigrationSource", source_at_level)
+    with QemuVM(tmp_path, "destination", incoming=True, extra=("-S",)) as vm:
+        result = restore(folder, vm.qmp, channels=channels, compression=method)
+        assert result["query-migrate"]["status"] == "completed"
+        assert np.array_equal(_pmem(vm, tmp_path / "restored.bin", MEMORY), snapshot_ram)
 
 
 def test_restored_vm_runs_without_being_told(tmp_path: Path) -> None:
@@ -162,16 +203,49 @@ def _receive_from_qemu(
             block.close()
 
 
-def test_compression_mismatch_is_refused_with_the_flags(tmp_path: Path) -> None:
-    qemu, ours = _receive_from_qemu(
+@pytest.mark.parametrize(
+    ("theirs", "ours", "flags"),
+    [("zlib", "none", "0x2 flags expected 0x0"), ("zstd", "zlib", "0x4 flags expected 0x2"),
+     ("none", "zstd", "0x0 flags expected 0x4")],
+)  # fmt: skip
+def test_compression_mismatch_is_refused_with_the_flags(
+    tmp_path: Path, theirs: str, ours: str, flags: str
+) -> None:
+    qemu, info = _receive_from_qemu(
         tmp_path,
-        {"multifd-channels": 2, "multifd-compression": "zlib"},
-        {"multifd-channels": 2, "multifd-compression": "none"},
+        {"multifd-channels": 2, "multifd-compression": theirs},
+        {"multifd-channels": 2, "multifd-compression": ours},
     )
     assert qemu["status"] != "completed"
-    assert ours["status"] == "failed"
-    assert "flags received 0x2 flags expected 0x0" in ours["error-desc"]
-    assert "multifd-compression is none" in ours["error-desc"]
+    assert info["status"] == "failed"
+    assert re.match(r"channel [01]: packet \d+: ", info["error-desc"]), info["error-desc"]
+    assert f"flags received {flags}" in info["error-desc"]
+    assert f"multifd-compression is {ours}" in info["error-desc"]
+
+
+def test_our_compression_into_a_qemu_without_fails_both_ends(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Our source with zstd, QEMU's destination left at none: QEMU refuses the
+    first packet and exits; with the return path our source is told no SHUT
+    came (without it, a source whose bytes all fitted in the sockets would
+    complete, as QEMU's own does). Neither end hangs."""
+    with QemuVM(tmp_path, "source", memory="32M", guest=False) as vm:
+        save(vm.qmp, tmp_path / "snapshot", channels=2, return_path=True)
+    configure = snapshot._configure
+
+    def qemu_without(qemu: Any, channels: int, compression: str, **flags: bool) -> None:
+        configure(qemu, channels, "none", **flags)
+
+    monkeypatch.setattr(snapshot, "_configure", qemu_without)
+    with QemuVM(tmp_path, "destination", memory="32M", guest=False, incoming=True) as vm:
+        with pytest.raises(SnapshotError) as caught:
+            restore(tmp_path / "snapshot", vm.qmp, compression="zstd", return_path=True, timeout=30)
+        vm.process.wait(10)
+        assert vm.process.returncode != 0
+    error = str(caught.value)
+    assert "restore did not complete: ours failed" in error, error
+    assert "QEMU failed" in error, error
 
 
 def test_channel_count_mismatch_is_refused(tmp_path: Path) -> None:
