@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import pytest
 from e2e_support import FINISH_TIMEOUT, MiB, Migration, wait_until, write_pages
 
@@ -118,6 +119,26 @@ def test_multifd_bytes_count_pages_before_compression(
     assert ram["precopy-bytes"] + ram["downtime-bytes"] > ram["normal-bytes"]
     for key in ("transferred", "multifd-bytes", "normal-bytes"):
         assert dst["x-ram"][key] == ram[key], key
+
+
+@pytest.mark.parametrize(("method", "levels"), [("zlib", (0, 9)), ("zstd", (1, 19))])
+def test_compression_level_reaches_the_wire(
+    migration: Callable[..., Migration], method: str, levels: tuple[int, int]
+) -> None:
+    """multifd-zlib-level and multifd-zstd-level are the compressors' levels:
+    the higher one puts fewer bytes on the wire (zlib 0 stores the pages)."""
+    wire = []
+    for level in levels:
+        parameters = {"multifd-compression": method, f"multifd-{method}-level": level}
+        m = migration(sizes=(MiB,), parameters={"multifd-channels": 1, **parameters})
+        rng = np.random.default_rng(7)  # a few bits of entropy a byte: every level differs
+        data = m.src_blocks[0].array
+        data[:] = rng.integers(0, 2, len(data)) * rng.integers(0, 50, len(data))
+        src, _ = m.assert_completed()
+        wire.append(src["x-multifd-channels"][0]["bytes"])
+    assert wire[0] > wire[1] * 1.04, wire
+    if levels[0] == 0:
+        assert wire[0] > MiB  # stored, not compressed
 
 
 def test_events_and_downtime(migration: Callable[..., Migration]) -> None:
