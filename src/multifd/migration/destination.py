@@ -41,6 +41,7 @@ from ..wire import (
     PacketLayout,
     Page,
     RamBlockEntry,
+    SectionPart,
     SectionStart,
     VMCommand,
     VMDescription,
@@ -49,6 +50,7 @@ from ..wire import (
     XbzrlePage,
     ZeroPage,
     ZeroPageRun,
+    page_record_size,
 )
 from ..wire.appstate import APP_STATE_IDSTR, AppState, read_app_state
 from ..wire.verify import VERIFY_IDSTR, VerifySection, read_verify
@@ -210,7 +212,11 @@ class MigrationDestination(Endpoint):
             # From the source's stop to our resume, both clocks on this host.
             info["x-downtime"] = int(self._downtime * 1000)
         stats = self._receiver.stats if self._receiver is not None else self._last_channel_stats
-        ram = self.ram.to_json(sum(c.counted_bytes for c in stats))
+        multifd_bytes = sum(c.counted_bytes for c in stats)
+        ram = self.ram.to_json(multifd_bytes)
+        # The source splits its RAM records by its run state, which is not
+        # seen here: only their sum, as the source's `transferred`.
+        ram["transferred"] = self._ram_main_bytes + multifd_bytes
         repeated = self._receiver.repeated if self._receiver is not None else self._repeated
         ram["normal"] += sum(c.pages for c in stats) - repeated
         ram["normal-bytes"] = ram["normal"] * TARGET_PAGE_SIZE
@@ -239,6 +245,8 @@ class MigrationDestination(Endpoint):
         self.vmdesc: bytes | None = None
         self.ram_section_id: int | None = None
         self._repeated = 0
+        # What the source counts as RAM transferred on the main channel.
+        self._ram_main_bytes = 0
         self._verify_stats: dict[str, int] | None = None
 
     def _fail(self, message: str) -> None:
@@ -332,9 +340,12 @@ class MigrationDestination(Endpoint):
         arrays = {name: block.array for name, block in self.blocks.items()}
         round_mode: bool | None = None
         verify: VerifySection | None = None
+        iterating = False  # in a ram section's PART, whose EOS counts as RAM sent
         for record in decoder:
             if self._cancel.is_set() or self.state.error is not None:
                 raise MigrationAborted
+            if isinstance(record, ZeroPage | ZeroPageRun | Page | CompressedPage | XbzrlePage):
+                self._ram_main_bytes += page_record_size(record)
             if isinstance(record, ZeroPage):
                 self._zero_page(arrays[record.block], record.block, record.offset, record.fill)
             elif isinstance(record, ZeroPageRun):
@@ -355,6 +366,8 @@ class MigrationDestination(Endpoint):
                 self._received.wrote_page(record.block, record.offset)
                 self.ram.normal += 1
             elif isinstance(record, EndOfSection):
+                if iterating:
+                    self._ram_main_bytes += len(record.pack())
                 if round_mode is None:
                     round_mode = False
                 if not round_mode:
@@ -368,6 +381,9 @@ class MigrationDestination(Endpoint):
                 arrays = {name: block.array for name, block in self.blocks.items()}
             elif isinstance(record, SectionStart) and not record.full:
                 self.ram_section_id = record.section_id
+                iterating = False
+            elif isinstance(record, SectionPart):
+                iterating = not record.end
             elif isinstance(record, Configuration):
                 self._check_configuration(record, settings)
             elif isinstance(record, DeviceState):
@@ -398,7 +414,6 @@ class MigrationDestination(Endpoint):
             self._last_channel_stats = receiver.stats
             self._repeated = receiver.repeated
             receiver.close()
-        self.ram.main_bytes = connections.main.bytes_read
         if verify is not None:
             self._verify(verify)
         elif settings.capability("x-verify"):
@@ -563,7 +578,6 @@ class MigrationDestination(Endpoint):
             self._last_channel_stats = receiver.stats
             receiver.close(reset=reset)
         if connections is not None:
-            self.ram.main_bytes = connections.main.bytes_read
             connections.shutdown()
             connections.close(reset=reset)
         self._end_time = self._end_time or time.monotonic()

@@ -266,7 +266,6 @@ class MigrationSource(Endpoint):
         else:
             info["expected-downtime"] = int(self._expected_downtime * 1000)
         multifd_bytes = sum(c.counted_bytes for c in self._channel_stats())
-        self.ram.main_bytes = self._main.bytes_written if self._main is not None else 0
         info["ram"] = self.ram.to_json(multifd_bytes)
         if self._throttle_percent:
             info["cpu-throttle-percentage"] = self._throttle_percent
@@ -480,10 +479,12 @@ class MigrationSource(Endpoint):
             self._send_pages(trackers, dirty, paced=True)
             sync_started = time.monotonic()
             self._end_section()
+            # QEMU counts an iteration's EOS as RAM sent (not setup's, nor
+            # the completion's).
+            self._count_ram_bytes(len(EndOfSection().pack()))
             sync_seconds = time.monotonic() - sync_started
             elapsed = max(time.monotonic() - started, 1e-6)
             sent = self._bytes_sent() - sent_before
-            self.ram.precopy_bytes += sent
             bandwidth = sent / elapsed
             pages = self.ram.normal + self.ram.duplicate - pages_before
             self.ram.pages_per_second = int(pages / elapsed)
@@ -562,7 +563,6 @@ class MigrationSource(Endpoint):
         self.ram.dirty_sync_count += 1
         self.ram.remaining = sum(len(d) for d in dirty) * TARGET_PAGE_SIZE
         self._pass_event()
-        sent_before = self._bytes_sent()
         self._main.write(SectionPart(self._ram_section_id, end=True).pack())
         self._send_pages(trackers, dirty, paced=False)
         self._end_section()
@@ -588,7 +588,6 @@ class MigrationSource(Endpoint):
                 + vmdescription([*vmdesc, state.vmdesc_entry()]).pack()
             )
         self._main.flush()
-        self.ram.downtime_bytes = self._bytes_sent() - sent_before
         self.ram.remaining = 0
         self._downtime = time.monotonic() - stopped_at
         self._await_read(settings)
@@ -676,11 +675,11 @@ class MigrationSource(Endpoint):
                 zeros, normal = chunk[zero], chunk[~zero]
                 if len(zeros):
                     offsets = zeros.astype(np.uint64) * np.uint64(TARGET_PAGE_SIZE)
-                    self._main.write(
-                        encode_zero_pages(
-                            block.name, offsets, continued=self._last_block == block.name
-                        )
+                    records = encode_zero_pages(
+                        block.name, offsets, continued=self._last_block == block.name
                     )
+                    self._main.write(records)
+                    self._count_ram_bytes(len(records))
                     self._last_block = block.name
                     self.ram.duplicate += len(zeros)
                 if len(normal):
@@ -697,15 +696,27 @@ class MigrationSource(Endpoint):
     def _send_on_main(self, name: str, buffer: memoryview, pages: np.ndarray) -> None:
         """Plain precopy: PAGE records, the block named on its first page only."""
         parts: list = []
+        size = 0
         for page in pages.tolist():
             offset = page * TARGET_PAGE_SIZE
             if self._last_block == name:
-                parts.append(be64(offset | RamFlag.PAGE | RamFlag.CONTINUE))
+                header = be64(offset | RamFlag.PAGE | RamFlag.CONTINUE)
             else:
-                parts.append(be64(offset | RamFlag.PAGE) + counted_string(name))
+                header = be64(offset | RamFlag.PAGE) + counted_string(name)
                 self._last_block = name
-            parts.append(buffer[offset : offset + TARGET_PAGE_SIZE])
+            parts += (header, buffer[offset : offset + TARGET_PAGE_SIZE])
+            size += len(header) + TARGET_PAGE_SIZE
         self._main.writev(parts)
+        self._count_ram_bytes(size)
+
+    def _count_ram_bytes(self, size: int) -> None:
+        """RAM records written on the main channel: precopy-bytes while the
+        workload runs, downtime-bytes while it is stopped, for the switchover
+        or by `pause` (QEMU's ram_transferred_add asks runstate_is_running)."""
+        if self._stopped or self._paused:
+            self.ram.downtime_bytes += size
+        else:
+            self.ram.precopy_bytes += size
 
     def _bytes_queued(self) -> int:
         """What the bandwidth limit counts: bytes written on main and handed to

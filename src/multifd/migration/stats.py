@@ -46,23 +46,28 @@ class ChannelStats:
 
 @dataclass
 class RamStats:
-    """The `ram` member of query-migrate (QEMU's MigrationStats)."""
+    """The `ram` member of query-migrate (QEMU's MigrationStats), counted as
+    QEMU 7.2 counts it: `transferred` is RAM only (the records of the `ram`
+    section on the main channel, and the multifd packets), not the stream
+    header, the block list, device state or section headers."""
 
     total: int = 0  # bytes of every block
     remaining: int = 0  # dirty bytes still to send
     duplicate: int = 0  # zero pages sent as ZERO records
     normal: int = 0  # pages sent with their data
-    main_bytes: int = 0  # bytes written on the main channel
     dirty_sync_count: int = 0
     dirty_pages_rate: int = 0  # pages per second dirtied, last round
     mbps: float = 0.0  # megabits per second, last round
     pages_per_second: int = 0
+    # RAM records on the main channel (page headers, zero pages, pages sent
+    # there, an iteration's EOS) while the workload runs, and while it is
+    # stopped; multifd packets count in neither, only in multifd-bytes.
     precopy_bytes: int = 0
     downtime_bytes: int = 0
 
     def to_json(self, multifd_bytes: int) -> dict:
         return {
-            "transferred": self.main_bytes + multifd_bytes,
+            "transferred": self.precopy_bytes + self.downtime_bytes + multifd_bytes,
             "remaining": self.remaining,
             "total": self.total,
             "duplicate": self.duplicate,

@@ -43,6 +43,7 @@ from .ram import (
     XbzrlePage,
     ZeroPage,
     ZeroPageRun,
+    page_record_size,
 )
 from .reader import Reader
 from .return_path import (
@@ -129,6 +130,7 @@ __all__ = [
     "ZeroPage",
     "ZeroPageRun",
     "page_packet_headers",
+    "page_record_size",
     "plain_pages_header",
     "read_init",
     "read_packet",

@@ -421,6 +421,23 @@ def block_table(entries: Mapping[str, int] | MemSize) -> dict[str, int]:
     return dict(entries)
 
 
+def page_record_size(
+    record: ZeroPage | ZeroPageRun | Page | XbzrlePage | CompressedPage,
+) -> int:
+    """Bytes a page record took on the main channel, header included: what
+    QEMU counts as RAM transferred for it (ram_transferred_add)."""
+    if isinstance(record, ZeroPageRun):
+        return _ZERO_RECORD.itemsize * len(record.offsets)
+    header = 8 if record.continued else 8 + len(counted_string(record.block))
+    if isinstance(record, ZeroPage):
+        return header + 1
+    if isinstance(record, Page):
+        return header + len(record.data)
+    if isinstance(record, XbzrlePage):
+        return header + 3 + len(record.encoded)  # the encoding byte, a be16 length
+    return header + 4 + len(record.compressed)  # a be32 length
+
+
 def encode_zero_pages(block: str, offsets: np.ndarray, *, continued: bool) -> bytes:
     """ZERO records for many pages of one block at once, as `ZeroPage.pack` would
     write them: the first names the block unless `continued`, the rest CONTINUE."""

@@ -1,0 +1,90 @@
+"""query-migrate's `ram` figures counted as QEMU 7.2 counts them, to the byte:
+`transferred` is RAM only (the ram section's records on the main channel and
+the multifd packets), split by the workload's run state into precopy-bytes and
+downtime-bytes, with the multifd packets only in multifd-bytes."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+from e2e_support import MiB, Migration, wait_until
+
+from multifd.wire import PACKET_HEADER_SIZE, TARGET_PAGE_SIZE
+
+# A ZERO record that continues the previous record's block: be64 header, fill byte.
+ZERO_RECORD = 9
+# A PAGE record's header when it continues the block; the first names it.
+PAGE_HEADER = 8
+EOS = 8
+# The block's name, as the first record of a block carries it (counted string).
+NAMED = 1 + len("pc.ram")
+# Pages zeroed, or rewritten, while the workload is stopped for the switchover.
+LATE_PAGES = 5
+
+
+def _content(m: Migration) -> tuple[int, int]:
+    """(normal, zero) pages of the source's one block."""
+    rows = m.src_blocks[0].page_rows(np.uint64)
+    zero = int(np.count_nonzero(~rows.any(axis=1)))
+    return len(rows) - zero, zero
+
+
+def _rewrite_late_pages(m: Migration, multifd: bool) -> Callable[[], None]:
+    """At the stop, change LATE_PAGES data pages: to zero pages with multifd
+    (their ZERO records go on main, in downtime), to other data without it."""
+    rows = m.src_blocks[0].page_rows(np.uint64)
+    late = np.flatnonzero(rows.any(axis=1))[:LATE_PAGES]
+
+    def hook() -> None:
+        if multifd:
+            rows[late] = 0
+        else:
+            rows[late, 0] += np.uint64(1)
+
+    return hook
+
+
+@pytest.mark.parametrize("multifd", [True, False], ids=["multifd", "plain"])
+def test_ram_bytes_are_counted_as_qemu_counts_them(
+    migration: Callable[..., Migration], multifd: bool
+) -> None:
+    """A migration with no workload: round 1 sends every page, nothing is dirty
+    after it, and the stop rewrites LATE_PAGES pages, sent in downtime. The
+    second migration, started at once after a cancelled one, counts from zero."""
+    m = migration(
+        sizes=(4 * MiB,),
+        capabilities={"multifd": multifd},
+        parameters={"multifd-channels": 2, "max-bandwidth": 4 * MiB},
+    )
+    m.start()
+    wait_until(lambda: m.source.query().get("ram", {}).get("normal", 0) > 0, what="pages sent")
+    m.source.cancel()
+    assert m.finish()[0]["status"] == "cancelled"
+    m.source.set_parameters({"max-bandwidth": 0})
+    normal, zero = _content(m)
+    m.stop_hook = _rewrite_late_pages(m, multifd)
+    src, dst = m.assert_completed()
+    ram = src["ram"]
+
+    assert ram["dirty-sync-count"] == 3  # setup, after round 1, at the stop
+    passes = [d["pass"] for name, d in m.source_events if name == "MIGRATION_PASS"]
+    assert passes[-3:] == [1, 2, 3]
+    if multifd:
+        assert (ram["normal"], ram["duplicate"]) == (normal, zero + LATE_PAGES)
+        packets = sum(c["packets"] for c in src["x-multifd-channels"])
+        assert ram["multifd-bytes"] == packets * PACKET_HEADER_SIZE + normal * TARGET_PAGE_SIZE
+        # Main carries only ZERO records, the block named once, and round 1's
+        # EOS (not setup's, nor the completion's).
+        assert ram["precopy-bytes"] == zero * ZERO_RECORD + NAMED + EOS
+        assert ram["downtime-bytes"] == LATE_PAGES * ZERO_RECORD
+    else:
+        assert (ram["normal"], ram["duplicate"]) == (normal + LATE_PAGES, zero)
+        assert ram["multifd-bytes"] == 0
+        page = PAGE_HEADER + TARGET_PAGE_SIZE
+        assert ram["precopy-bytes"] == zero * ZERO_RECORD + normal * page + NAMED + EOS
+        assert ram["downtime-bytes"] == LATE_PAGES * page
+    assert ram["transferred"] == ram["precopy-bytes"] + ram["downtime-bytes"] + ram["multifd-bytes"]
+    assert dst["x-ram"]["transferred"] == ram["transferred"]
+    assert ram["normal-bytes"] == ram["normal"] * TARGET_PAGE_SIZE
