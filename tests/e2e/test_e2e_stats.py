@@ -1,11 +1,13 @@
 """query-migrate's `ram` figures counted as QEMU 7.2 counts them, to the byte:
 `transferred` is RAM only (the ram section's records on the main channel and
 the multifd packets), split by the workload's run state into precopy-bytes and
-downtime-bytes, with the multifd packets only in multifd-bytes."""
+downtime-bytes, with the multifd packets only in multifd-bytes; the final mbps
+is over the whole migration; rates come from short windows, not whole rounds."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import pytest
@@ -88,3 +90,33 @@ def test_ram_bytes_are_counted_as_qemu_counts_them(
     assert ram["transferred"] == ram["precopy-bytes"] + ram["downtime-bytes"] + ram["multifd-bytes"]
     assert dst["x-ram"]["transferred"] == ram["transferred"]
     assert ram["normal-bytes"] == ram["normal"] * TARGET_PAGE_SIZE
+    # QEMU leaves these out (zero) once completed.
+    assert ram["remaining"] == ram["dirty-pages-rate"] == 0
+    # The final mbps is everything sent, all of main and the multifd packets,
+    # over the migration but its setup (QEMU's migration_calculate_complete).
+    sent = m.source._main.bytes_written + ram["multifd-bytes"]
+    transfer_ms = src["total-time"] - src["setup-time"]
+    if transfer_ms > 0:
+        assert ram["mbps"] == round(sent * 8 / transfer_ms / 1000, 3)
+
+
+def test_rates_are_measured_within_the_first_round(migration: Callable[..., Migration]) -> None:
+    """max-bandwidth stretches round 1 to about a second: mbps and
+    pages-per-second appear during it (QEMU measures them every 100 ms), and
+    until a round has measured a downtime, the expected one is the limit."""
+    m = migration(sizes=(16 * MiB,), parameters={"multifd-channels": 2, "max-bandwidth": 16 * MiB})
+    seen: list[dict[str, Any]] = []
+
+    def measured_in_round_1() -> bool:
+        seen.append(m.source.query())
+        ram = seen[-1].get("ram", {})
+        return ram.get("dirty-sync-count") == 1 and ram["mbps"] > 0
+
+    m.start()
+    wait_until(measured_in_round_1, what="mbps while round 1 is under way")
+    m.finish()
+    during = seen[-1]
+    assert during["status"] == "active"
+    assert during["ram"]["pages-per-second"] > 0
+    assert during["expected-downtime"] == 300  # the default downtime-limit
+    assert all(q["expected-downtime"] == 300 for q in seen if q.get("status") == "active")

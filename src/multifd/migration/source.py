@@ -74,6 +74,11 @@ FIRST_PING = 1
 # A destination that fails sends SHUT before its sockets break; when a write
 # breaks first, this long is given to the return path to tell why.
 VERDICT_GRACE = 1.0
+# query-migrate's mbps and pages-per-second are measured over windows at least
+# this long (QEMU's BUFFER_DELAY), its dirty-pages-rate over periods of at least
+# a second between dirty syncs (as QEMU's migration_bitmap_sync).
+RATE_WINDOW = 0.1
+DIRTY_RATE_PERIOD = 1.0
 
 
 class MigrationSource(Endpoint):
@@ -257,16 +262,23 @@ class MigrationSource(Endpoint):
             info["x-verify"] = {"pages": self._verified_pages}
         return info
 
-    def _time_and_ram(self, status: MigrationStatus, info: dict[str, Any]) -> None:
+    def _setup_ms(self) -> int:
+        return int((self._setup_time or 0) * 1000)
+
+    def _total_ms(self) -> int:
         end = self._end_time or time.monotonic()
-        info["setup-time"] = int((self._setup_time or 0) * 1000)
-        info["total-time"] = int((end - self._start_time) * 1000)
-        if status is MigrationStatus.COMPLETED:
+        return int((end - self._start_time) * 1000)
+
+    def _time_and_ram(self, status: MigrationStatus, info: dict[str, Any]) -> None:
+        completed = status is MigrationStatus.COMPLETED
+        info["setup-time"] = self._setup_ms()
+        info["total-time"] = self._total_ms()
+        if completed:
             info["downtime"] = int(self._downtime * 1000)
         else:
             info["expected-downtime"] = int(self._expected_downtime * 1000)
         multifd_bytes = sum(c.counted_bytes for c in self._channel_stats())
-        info["ram"] = self.ram.to_json(multifd_bytes)
+        info["ram"] = self.ram.to_json(multifd_bytes, completed=completed)
         if self._throttle_percent:
             info["cpu-throttle-percentage"] = self._throttle_percent
 
@@ -331,7 +343,12 @@ class MigrationSource(Endpoint):
         self._end_time: float | None = None
         self._setup_time: float | None = None
         self._downtime = 0.0
-        self._expected_downtime = 0.0
+        # QEMU's guess until a round has measured one: the limit itself.
+        self._expected_downtime = self.settings.parameter("downtime-limit") / 1000
+        # (start, bytes sent, pages sent) of the rate window under way.
+        self._rate_window = (self._start_time, 0, 0)
+        # (start, pages dirtied since) of the dirty-pages-rate period under way.
+        self._dirty_period = (self._start_time, 0)
         self._converging = True
         self._throttle_percent = 0
         self._round = 0
@@ -448,6 +465,11 @@ class MigrationSource(Endpoint):
         self._main.write(SectionStart(self._ram_section_id, "ram", 0, 4).pack() + mem_size.pack())
         self._end_section()
         self._setup_time = time.monotonic() - self._start_time
+        # The rates measure the transfer, from here: QEMU starts its first
+        # window when setup is done.
+        now = time.monotonic()
+        self._rate_window = (now, self._bytes_sent(), 0)
+        self._dirty_period = (now, 0)
 
     def _open_return_path(self, connections: Connections) -> None:
         """Listen for the destination's answers, then ask it to open its end and
@@ -473,7 +495,6 @@ class MigrationSource(Endpoint):
             self._round += 1
             started = time.monotonic()
             sent_before = self._bytes_sent()
-            pages_before = self.ram.normal + self.ram.duplicate
             self.ram.remaining = sum(len(d) for d in dirty) * TARGET_PAGE_SIZE
             self._main.write(SectionPart(self._ram_section_id).pack())
             self._send_pages(trackers, dirty, paced=True)
@@ -482,17 +503,16 @@ class MigrationSource(Endpoint):
             # QEMU counts an iteration's EOS as RAM sent (not setup's, nor
             # the completion's).
             self._count_ram_bytes(len(EndOfSection().pack()))
+            self._update_rates()
             sync_seconds = time.monotonic() - sync_started
             elapsed = max(time.monotonic() - started, 1e-6)
+            # The switchover plans with the whole round's bandwidth.
             sent = self._bytes_sent() - sent_before
             bandwidth = sent / elapsed
-            pages = self.ram.normal + self.ram.duplicate - pages_before
-            self.ram.pages_per_second = int(pages / elapsed)
             dirty = [t.collect().indices() for t in trackers]
             dirty_pages = sum(len(d) for d in dirty)
             self.ram.dirty_sync_count += 1
-            self.ram.dirty_pages_rate = int(dirty_pages / elapsed)
-            self.ram.mbps = bandwidth * 8 / 1e6
+            self._update_dirty_rate(dirty_pages)
             self.ram.remaining = dirty_pages * TARGET_PAGE_SIZE
             # Beyond sending what is left, a switchover pays a fixed cost (the
             # final sync and the device state; this round's sync stands for it)
@@ -598,6 +618,12 @@ class MigrationSource(Endpoint):
         # total-time ends here, as QEMU's does, not after the teardown (the
         # channels closed, the trackers' protection and mappings undone).
         self._end_time = time.monotonic()
+        # As QEMU's migration_calculate_complete: the final mbps is everything
+        # sent (all of the main channel and the multifd packets) over the
+        # whole migration but its setup, in whole milliseconds.
+        transfer_ms = self._total_ms() - self._setup_ms()
+        if transfer_ms > 0:
+            self.ram.mbps = self._bytes_sent() * 8 / transfer_ms / 1000
         self.state.set(MigrationStatus.COMPLETED)
 
     def _await_read(self, settings: MigrationSettings) -> None:
@@ -692,6 +718,9 @@ class MigrationSource(Endpoint):
                 self.ram.remaining = max(0, self.ram.remaining - len(chunk) * TARGET_PAGE_SIZE)
                 if rate_limit is not None:
                     self._keep_to(rate_limit)
+                # After the pause max-bandwidth asks for: a window holds the
+                # pages and the wait they cost, as QEMU's do.
+                self._update_rates()
 
     def _send_on_main(self, name: str, buffer: memoryview, pages: np.ndarray) -> None:
         """Plain precopy: PAGE records, the block named on its first page only."""
@@ -717,6 +746,34 @@ class MigrationSource(Endpoint):
             self.ram.downtime_bytes += size
         else:
             self.ram.precopy_bytes += size
+
+    def _update_rates(self) -> None:
+        """mbps and pages-per-second over the window that has just lasted at
+        least RATE_WINDOW (QEMU's migration_update_counters): everything sent,
+        main channel and multifd packets, as QEMU measures it."""
+        now = time.monotonic()
+        start, sent_before, pages_before = self._rate_window
+        spent = now - start
+        if spent < RATE_WINDOW:
+            return
+        sent = self._bytes_sent()
+        pages = self.ram.normal + self.ram.duplicate
+        self.ram.mbps = (sent - sent_before) * 8 / spent / 1e6
+        self.ram.pages_per_second = int((pages - pages_before) / spent)
+        self._rate_window = (now, sent, pages)
+
+    def _update_dirty_rate(self, dirtied: int) -> None:
+        """At a dirty sync that found `dirtied` pages: dirty-pages-rate over the
+        syncs of the last DIRTY_RATE_PERIOD or more, as QEMU's (a rate over one
+        short round would swing with every round)."""
+        now = time.monotonic()
+        start, pages = self._dirty_period
+        pages += dirtied
+        if now - start < DIRTY_RATE_PERIOD:
+            self._dirty_period = (start, pages)
+            return
+        self.ram.dirty_pages_rate = int(pages / (now - start))
+        self._dirty_period = (now, 0)
 
     def _bytes_queued(self) -> int:
         """What the bandwidth limit counts: bytes written on main and handed to

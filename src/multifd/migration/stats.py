@@ -56,25 +56,26 @@ class RamStats:
     duplicate: int = 0  # zero pages sent as ZERO records
     normal: int = 0  # pages sent with their data
     dirty_sync_count: int = 0
-    dirty_pages_rate: int = 0  # pages per second dirtied, last round
-    mbps: float = 0.0  # megabits per second, last round
-    pages_per_second: int = 0
+    dirty_pages_rate: int = 0  # pages dirtied per second, over at least a second
+    mbps: float = 0.0  # megabits per second, over the last rate window
+    pages_per_second: int = 0  # pages sent per second, over the same window
     # RAM records on the main channel (page headers, zero pages, pages sent
     # there, an iteration's EOS) while the workload runs, and while it is
     # stopped; multifd packets count in neither, only in multifd-bytes.
     precopy_bytes: int = 0
     downtime_bytes: int = 0
 
-    def to_json(self, multifd_bytes: int) -> dict:
+    def to_json(self, multifd_bytes: int, *, completed: bool = False) -> dict:
         return {
             "transferred": self.precopy_bytes + self.downtime_bytes + multifd_bytes,
-            "remaining": self.remaining,
+            # QEMU leaves both out (zero) once completed.
+            "remaining": 0 if completed else self.remaining,
             "total": self.total,
             "duplicate": self.duplicate,
             "skipped": 0,
             "normal": self.normal,
             "normal-bytes": self.normal * 4096,
-            "dirty-pages-rate": self.dirty_pages_rate,
+            "dirty-pages-rate": 0 if completed else self.dirty_pages_rate,
             "mbps": round(self.mbps, 3),
             "dirty-sync-count": self.dirty_sync_count,
             "postcopy-requests": 0,
