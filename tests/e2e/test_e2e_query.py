@@ -215,6 +215,7 @@ def test_auto_converge_throttles_until_it_converges(migration: Callable[..., Mig
     assert any(q.get("x-converging") is False for q in seen)
     throttled = [q for q in seen if "cpu-throttle-percentage" in q]
     assert throttled and all(q["cpu-throttle-percentage"] == 30 for q in throttled)
+    assert "cpu-throttle-percentage" not in src  # lifted
     assert src["ram"]["dirty-sync-count"] >= 4
 
 

@@ -615,6 +615,9 @@ class MigrationSource(Endpoint):
             self._await_verdict(settings)
         if self._throttle_percent and self._throttle is not None:
             self._throttle(0)
+        # Lifted: a completed query-migrate shows no cpu-throttle-percentage,
+        # as QEMU's, whose throttle stops before it completes.
+        self._throttle_percent = 0
         # total-time ends here, as QEMU's does, not after the teardown (the
         # channels closed, the trackers' protection and mappings undone).
         self._end_time = time.monotonic()
