@@ -6,6 +6,7 @@ is over the whole migration; rates come from short windows, not whole rounds."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -120,3 +121,18 @@ def test_rates_are_measured_within_the_first_round(migration: Callable[..., Migr
     assert during["ram"]["pages-per-second"] > 0
     assert during["expected-downtime"] == 300  # the default downtime-limit
     assert all(q["expected-downtime"] == 300 for q in seen if q.get("status") == "active")
+
+
+def test_destination_total_time_counts_the_migration_not_the_wait(
+    migration: Callable[..., Migration],
+) -> None:
+    """A destination listens long before a source comes: its x-total-time
+    starts when the source's channels are here, not when it began to listen."""
+    m = migration(parameters={"multifd-channels": 2})
+    m.uri = m.destination.incoming(m.listen_uri)
+    time.sleep(0.5)
+    started = time.monotonic()
+    src, dst = m.run(listen=False)
+    took_ms = (time.monotonic() - started) * 1000
+    assert src["status"] == dst["status"] == "completed"
+    assert dst["x-total-time"] <= took_ms

@@ -273,6 +273,8 @@ class MigrationDestination(Endpoint):
                 self._connections = connections
             if self._cancel.is_set():
                 raise MigrationAborted
+            # x-total-time counts the migration, not the wait for a source.
+            self._start_time = time.monotonic()
             self.state.set(MigrationStatus.ACTIVE)
             self._load(settings, connections)
             self._end_time = time.monotonic()
