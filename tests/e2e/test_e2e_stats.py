@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from e2e_support import MiB, Migration, wait_until
 
+from multifd.migration.multifd_send import MultifdSender
 from multifd.wire import PACKET_HEADER_SIZE, TARGET_PAGE_SIZE
 
 # A ZERO record that continues the previous record's block: be64 header, fill byte.
@@ -136,3 +137,21 @@ def test_destination_total_time_counts_the_migration_not_the_wait(
     took_ms = (time.monotonic() - started) * 1000
     assert src["status"] == dst["status"] == "completed"
     assert dst["x-total-time"] <= took_ms
+
+
+def test_downtime_lasts_until_the_destination_has_read_everything(
+    migration: Callable[..., Migration], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As QEMU's, downtime ends when total-time does: with the destination
+    holding every page (here made to take 0.3 s longer), not when the source
+    has handed the last bytes to its sockets."""
+    wait_read = MultifdSender.wait_read
+
+    def slow_wait_read(self: MultifdSender, timeout: float | None) -> str | None:
+        time.sleep(0.3)
+        return wait_read(self, timeout)
+
+    monkeypatch.setattr(MultifdSender, "wait_read", slow_wait_read)
+    m = migration(parameters={"multifd-channels": 2})
+    src, _ = m.assert_completed()
+    assert 300 <= src["downtime"] <= src["total-time"]

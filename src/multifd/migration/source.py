@@ -609,7 +609,6 @@ class MigrationSource(Endpoint):
             )
         self._main.flush()
         self.ram.remaining = 0
-        self._downtime = time.monotonic() - stopped_at
         self._await_read(settings)
         if self._return_path is not None:
             self._await_verdict(settings)
@@ -621,6 +620,9 @@ class MigrationSource(Endpoint):
         # total-time ends here, as QEMU's does, not after the teardown (the
         # channels closed, the trackers' protection and mappings undone).
         self._end_time = time.monotonic()
+        # Downtime ends with it, as QEMU's: the destination has read every
+        # page (and, with return-path, said it loaded them) only now.
+        self._downtime = self._end_time - stopped_at
         # As QEMU's migration_calculate_complete: the final mbps is everything
         # sent (all of the main channel and the multifd packets) over the
         # whole migration but its setup, in whole milliseconds.
