@@ -155,3 +155,14 @@ def test_downtime_lasts_until_the_destination_has_read_everything(
     m = migration(parameters={"multifd-channels": 2})
     src, _ = m.assert_completed()
     assert 300 <= src["downtime"] <= src["total-time"]
+
+
+def test_everything_remains_when_the_migration_becomes_active(
+    migration: Callable[..., Migration],
+) -> None:
+    """At `active`, before round 1 sends a page, every byte is still to send."""
+    m = migration(parameters={"multifd-channels": 2})
+    seen: list[dict[str, Any]] = []
+    m.on_status = lambda status: seen.append(m.source.query()) if status == "active" else None
+    m.assert_completed()
+    assert seen[0]["ram"]["remaining"] == seen[0]["ram"]["total"] == 8 * MiB

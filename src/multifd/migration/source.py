@@ -338,7 +338,9 @@ class MigrationSource(Endpoint):
     # -- the migration thread -------------------------------------------------
 
     def _reset_counters(self) -> None:
-        self.ram = RamStats(total=sum(b.used_length for b in self.blocks))
+        total = sum(b.used_length for b in self.blocks)
+        # Every page is dirty until sent (QEMU's setup marks them all).
+        self.ram = RamStats(total=total, remaining=total)
         self._start_time = time.monotonic()
         self._end_time: float | None = None
         self._setup_time: float | None = None
