@@ -42,7 +42,7 @@ Timed = tuple[float, float | None, int]
 class RunResult:
     seconds: float | None = None
     error: str | None = None
-    transferred: int = 0  # bytes on all channels, as the source counts them
+    transferred: int = 0  # the source's ram.transferred: RAM records and multifd packets
     source_total_ms: int | None = None  # the source's own total-time
     dest_hwm: int = 0  # peak resident memory of the destination process
     dest_ready_rss: int = 0  # its resident memory before the migration started
