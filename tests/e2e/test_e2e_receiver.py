@@ -34,21 +34,8 @@ def _packet(pages: list[int], num: int, fill: int) -> bytes:
 
 @pytest.fixture
 def receiver() -> Iterator[tuple[MultifdReceiver, socket.socket, np.ndarray, list[str]]]:
-    ours, theirs = socket.socketpair()
-    block = np.zeros(BLOCK_PAGES * PAGE, dtype=np.uint8)
-    errors: list[str] = []
-    rx = MultifdReceiver(
-        [Channel(ours, "channel 0", timeout=10)],
-        compression=Compression.NONE,
-        on_error=errors.append,
-    )
-    rx.set_blocks({"pc.ram": block}, ReceivedPages({}))
-    rx.start()
-    try:
-        yield rx, theirs, block, errors
-    finally:
-        theirs.close()
-        rx.close()
+    with _receiving(Compression.NONE) as parts:
+        yield parts
 
 
 def _run_out(rx: MultifdReceiver) -> None:
