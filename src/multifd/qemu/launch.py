@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from types import TracebackType
 
-from .guest import disk_image
+from .guest import TEST_END, disk_image
 from .qmp import QMPConnection
 
 QEMU = "qemu-system-x86_64"
@@ -35,6 +35,7 @@ class QemuVM:
         machine: str = "pc",
         incoming: bool = False,
         guest: bool = True,
+        guest_end: int = TEST_END,
         extra: tuple[str, ...] = (),
     ) -> None:
         binary = qemu_binary()
@@ -58,9 +59,9 @@ class QemuVM:
             "-qmp", f"unix:{self.qmp},server=on,wait=off",
         ]  # fmt: skip
         if guest:
-            image = folder / "guest.img"
+            image = folder / f"guest-{guest_end:#x}.img"
             if not image.exists():
-                image.write_bytes(disk_image())
+                image.write_bytes(disk_image(guest_end))
             args += ["-drive", f"file={image},format=raw,if=ide,snapshot=on"]
         if incoming:
             args += ["-incoming", "defer"]
