@@ -221,6 +221,14 @@ class MigrationDestination(Endpoint):
         ram["normal"] += sum(c.pages for c in stats) - repeated
         ram["normal-bytes"] = ram["normal"] * TARGET_PAGE_SIZE
         info["x-ram"] = ram
+        # In the words of QEMU's source (xbzrle-cache, compression), when there were any.
+        if self._xbzrle_pages:
+            info["x-xbzrle"] = {"pages": self._xbzrle_pages, "encoded-bytes": self._xbzrle_bytes}
+        if self._compressed_pages:
+            info["x-compression"] = {
+                "pages": self._compressed_pages,
+                "compressed-size": self._compressed_bytes,
+            }
         info["x-rounds"] = self._rounds
         info["x-multifd-channels"] = [c.to_json() for c in stats]
         if self.machine_type_received is not None:
@@ -248,6 +256,10 @@ class MigrationDestination(Endpoint):
         # What the source counts as RAM transferred on the main channel.
         self._ram_main_bytes = 0
         self._verify_stats: dict[str, int] | None = None
+        # Pages a QEMU source sent as XBZRLE deltas or compressed (capabilities
+        # xbzrle, compress): its query-migrate counts them apart from `normal`.
+        self._xbzrle_pages = self._xbzrle_bytes = 0
+        self._compressed_pages = self._compressed_bytes = 0
 
     def _fail(self, message: str) -> None:
         # After cancel, broken sockets are its consequence, not an error.
@@ -352,21 +364,31 @@ class MigrationDestination(Endpoint):
                 self._zero_page(arrays[record.block], record.block, record.offset, record.fill)
             elif isinstance(record, ZeroPageRun):
                 self._zero_run(arrays[record.block], record.block, record.offsets)
-            elif isinstance(record, Page | CompressedPage):
-                data = record.data if isinstance(record, Page) else record.decompress()
-                offset = record.offset
-                arrays[record.block][offset : offset + TARGET_PAGE_SIZE] = np.frombuffer(
-                    data, dtype=np.uint8
-                )
-                self._received.wrote_page(record.block, offset)
+            elif isinstance(record, Page):
+                self._page(arrays[record.block], record.block, record.offset, record.data)
                 self.ram.normal += 1
+            elif isinstance(record, CompressedPage):
+                # The record's data ends where the reader is now.
+                at = decoder.reader.where
+                data = record.decompress(at.at(at.offset - len(record.compressed)))
+                self._page(arrays[record.block], record.block, record.offset, data)
+                # As QEMU's source counts them: apart from `normal`.
+                self._compressed_pages += 1
+                self._compressed_bytes += len(record.compressed)
             elif isinstance(record, XbzrlePage):
                 view = memoryview(arrays[record.block])[
                     record.offset : record.offset + TARGET_PAGE_SIZE
                 ]
-                apply_xbzrle(record.encoded, view, decoder.reader.where)
+                at = decoder.reader.where
+                apply_xbzrle(
+                    record.encoded,
+                    view,
+                    at.at(at.offset - len(record.encoded)),
+                    f'XBZRLE delta of page {record.offset:#x} in block "{record.block}"',
+                )
                 self._received.wrote_page(record.block, record.offset)
-                self.ram.normal += 1
+                self._xbzrle_pages += 1
+                self._xbzrle_bytes += len(record.encoded)
             elif isinstance(record, EndOfSection):
                 if iterating:
                     self._ram_main_bytes += len(record.pack())
@@ -451,6 +473,22 @@ class MigrationDestination(Endpoint):
                     f"PING ({record.ping_value:#x}) received with no return path", where=where
                 )
             self._return_path.pong(record.ping_value)
+        elif record.command is Command.POSTCOPY_ADVISE and not record.data:
+            # The advice of a source with dirty-bitmaps and no postcopy-ram: as QEMU
+            # with postcopy-ram off, nothing to do here. Its "dirty-bitmap" live
+            # section follows, which the decoder then refuses by name.
+            return
+        elif record.command is Command.POSTCOPY_ADVISE:
+            if len(record.data) != 16:
+                raise WireError(
+                    f"CMD_POSTCOPY_ADVISE invalid length ({len(record.data)})", where=where
+                )
+            raise WireError(
+                "RAM postcopy is disabled but have 16 byte advise: the source has "
+                "postcopy-ram on, which this destination does not carry out (turn "
+                "postcopy-ram off at the source)",
+                where=where,
+            )
         else:
             raise WireError(
                 f"command {record.command.name} is not supported (postcopy and COLO "
@@ -485,6 +523,10 @@ class MigrationDestination(Endpoint):
                 )
         if failures:
             raise WireError("x-verify: memory differs from the source's: " + "; ".join(failures))
+
+    def _page(self, array: np.ndarray, name: str, offset: int, data: bytes) -> None:
+        array[offset : offset + TARGET_PAGE_SIZE] = np.frombuffer(data, dtype=np.uint8)
+        self._received.wrote_page(name, offset)
 
     def _zero_page(self, array: np.ndarray, name: str, offset: int, fill: int) -> None:
         page = array[offset : offset + TARGET_PAGE_SIZE]
@@ -535,6 +577,18 @@ class MigrationDestination(Endpoint):
                 f"Machine type received is '{config.machine_type}' and local is "
                 f"'{self.machine_type}'"
             )
+        # As QEMU: each capability the source lists (7.2: x-ignore-shared) must be
+        # on here too. x-ignore-shared leaves shared RAM out of the stream: taken
+        # silently, that memory would stay as it was here.
+        for name in config.capabilities:
+            if name not in settings.capabilities:
+                raise WireError(f"Received unknown capability {name}")
+            if not settings.capability(name):
+                raise WireError(
+                    f"Capability {name} is off, but received capability is on: "
+                    f"the source has {name} on, which this destination does not "
+                    "carry out (turn it off at the source)"
+                )
         if (
             settings.capability("validate-uuid")
             and config.uuid is not None

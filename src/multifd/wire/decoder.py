@@ -47,6 +47,10 @@ MainRecord = (
     | RamRecord
 )
 
+# Live sections other than "ram" that a QEMU source sends, by the capability
+# that makes it send them.
+LIVE_SECTION_CAPABILITIES = {"dirty-bitmap": "dirty-bitmaps", "block": "block"}
+
 # Reads a known device section's body (after its header, up to its footer).
 DeviceReader = Callable[[Reader], bytes]
 
@@ -176,9 +180,11 @@ class MainStreamDecoder:
         header = SectionStart(section_id, idstr, instance_id, version_id, full=full)
         if not full:
             if idstr != RAM_SECTION_IDSTR or instance_id != 0:
+                capability = LIVE_SECTION_CAPABILITIES.get(idstr)
+                hint = f" (turn capability {capability} off at the source)" if capability else ""
                 raise WireError(
                     f"Unknown savevm section or instance '{idstr}' {instance_id}: "
-                    'only the live section "ram" 0 is supported',
+                    f'only the live section "ram" 0 is supported{hint}',
                     where=at,
                     field="idstr",
                     value=idstr,

@@ -15,7 +15,7 @@ from enum import IntFlag
 
 import numpy as np
 
-from .errors import WireError
+from .errors import Where, WireError
 from .profile import TARGET_PAGE_SIZE, WireProfile
 from .reader import Reader, be16, be32, be64, counted_string
 
@@ -172,13 +172,26 @@ class CompressedPage:
             + self.compressed
         )
 
-    def decompress(self) -> bytes:
+    def decompress(self, where: Where | None = None) -> bytes:
+        """The page; QEMU inflates into the page itself, so a stream that would
+        give more than a page is refused without inflating the rest."""
+        what = f'compressed page {self.offset:#x} of block "{self.block}"'
+        inflater = zlib.decompressobj()
         try:
-            page = zlib.decompress(self.compressed)
+            page = inflater.decompress(self.compressed, TARGET_PAGE_SIZE)
         except zlib.error as exc:
-            raise WireError(f"compressed page of block {self.block!r}: {exc}") from None
+            raise WireError(f"{what}: {exc}", where=where) from None
+        if not inflater.eof:
+            problem = (
+                f"inflates to more than a page of {TARGET_PAGE_SIZE} bytes"
+                if inflater.unconsumed_tail
+                else f"zlib stream is cut short (it gave {len(page)} bytes and no end)"
+            )
+            raise WireError(f"{what}: {problem} (QEMU: decompress data failed)", where=where)
         if len(page) != TARGET_PAGE_SIZE:
-            raise WireError(f"compressed page decompressed to {len(page)} bytes, not 4096")
+            raise WireError(
+                f"{what}: decompressed to {len(page)} bytes, not {TARGET_PAGE_SIZE}", where=where
+            )
         return page
 
 
