@@ -57,17 +57,23 @@ def _ram_end(records: bytes) -> bytes:
 
 
 def _migrate(
-    tmp_path: Path, body: bytes, capabilities: tuple[str, ...] = ()
+    tmp_path: Path,
+    body: bytes,
+    capabilities: tuple[str, ...] = (),
+    *,
+    uuid: bytes | None = None,
+    our_uuid: bytes = bytes(16),
 ) -> tuple[dict, np.ndarray]:
-    """`body` after the header and configuration, sent to a destination with one
-    16-page block; returns its query-migrate and the block's bytes."""
+    """`body` after the header and configuration (with the source's `uuid` if
+    given, as validate-uuid sends it), sent to a destination with one 16-page
+    block; returns its query-migrate and the block's bytes."""
     block = RAMBlock.anonymous("pc.ram", SIZE)
-    destination = MigrationDestination([block])
+    destination = MigrationDestination([block], uuid=our_uuid)
     try:
         uri = destination.incoming(f"unix:{tmp_path}/main.sock")
         with socket.socket(socket.AF_UNIX) as peer:
             peer.connect(uri.removeprefix("unix:"))
-            config = Configuration.build(MACHINE, capabilities=capabilities)
+            config = Configuration.build(MACHINE, capabilities=capabilities, uuid=uuid)
             try:
                 peer.sendall(FileHeader().pack() + config.pack() + body)
                 peer.shutdown(socket.SHUT_WR)  # the end of the stream, after EOF
@@ -168,3 +174,32 @@ def test_a_capability_the_source_requires_is_refused(
     info, _ = _migrate(tmp_path, _ram_start() + _ram_end(b""), capabilities=(capability,))
     assert info["status"] == "failed", info
     assert error in info["error-desc"], info
+
+
+SOURCE_UUID = bytes.fromhex("6f1c52c8f4a34d0c9a3be7e1a0b2c3d4")
+
+
+def test_the_source_uuid_is_checked_whenever_ours_is_set(tmp_path: Path) -> None:
+    """As QEMU's destination: a source with validate-uuid sends its UUID, and a
+    destination whose own UUID is set refuses another, whatever its own
+    validate-uuid (which only tells a source to send it)."""
+    body = _ram_start() + _ram_end(b"")
+    info, _ = _migrate(tmp_path, body, uuid=SOURCE_UUID, our_uuid=SOURCE_UUID)
+    assert info["status"] == "completed", info
+    info, _ = _migrate(tmp_path, body, uuid=SOURCE_UUID, our_uuid=b"\1" * 16)
+    assert info["status"] == "failed", info
+    assert (
+        "UUID received is 6f1c52c8-f4a3-4d0c-9a3b-e7e1a0b2c3d4 and local is "
+        "01010101-0101-0101-0101-010101010101. Mismatch in UUIDs"
+    ) in info["error-desc"], info
+
+
+def test_a_source_uuid_with_ours_unset_is_only_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    info, _ = _migrate(tmp_path, _ram_start() + _ram_end(b""), uuid=SOURCE_UUID)
+    assert info["status"] == "completed", info
+    assert (
+        "UUID is received 6f1c52c8-f4a3-4d0c-9a3b-e7e1a0b2c3d4, but local uuid isn't set"
+        in caplog.text
+    )

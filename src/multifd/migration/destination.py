@@ -8,10 +8,12 @@ with the channel threads at every EOS, and hands the application's state to
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
+from uuid import UUID
 
 import numpy as np
 
@@ -64,6 +66,8 @@ from .return_path import SHUT_FAILED, SHUT_OK, ReturnPathWriter
 from .state import MigrationState, MigrationStatus
 from .stats import MigrationAborted, RamStats
 from .tls_settings import tls_config
+
+log = logging.getLogger(__name__)
 
 # Makes the destination's blocks from the source's block list, when the
 # destination cannot know them in advance (saving a QEMU VM to files).
@@ -589,15 +593,19 @@ class MigrationDestination(Endpoint):
                     f"the source has {name} on, which this destination does not "
                     "carry out (turn it off at the source)"
                 )
-        if (
-            settings.capability("validate-uuid")
-            and config.uuid is not None
-            and config.uuid != self.uuid
-        ):
-            raise WireError(
-                f"UUID received is {config.uuid.hex()} and local is {self.uuid.hex()}. "
-                "Mismatch in UUIDs"
-            )
+        # As QEMU's destination: the source sends its UUID when its own
+        # validate-uuid is on, and it is checked whenever ours is set (not all
+        # zeros); an unset one can only warn, as after loading an old snapshot.
+        if config.uuid is not None and config.uuid != self.uuid:
+            if self.uuid == bytes(16):
+                log.warning(
+                    "UUID is received %s, but local uuid isn't set", UUID(bytes=config.uuid)
+                )
+            else:
+                raise WireError(
+                    f"UUID received is {UUID(bytes=config.uuid)} and local is "
+                    f"{UUID(bytes=self.uuid)}. Mismatch in UUIDs"
+                )
 
     def _check_blocks(self, mem_size: MemSize) -> None:
         if self._provider is not None:
