@@ -12,13 +12,23 @@ from collections.abc import Iterator
 
 import numpy as np
 import pytest
+import zstandard
 
 from multifd.channels import Channel
 from multifd.memory import RAMBlock
 from multifd.migration import multifd_recv
+from multifd.migration.compression import make_decompressor
 from multifd.migration.multifd_recv import MultifdReceiver
 from multifd.migration.received import ReceivedPages
-from multifd.wire import PACKET_HEADER_SIZE, Compression, MultiFDPacket, PacketLayout
+from multifd.wire import (
+    PACKET_HEADER_SIZE,
+    PAGES_PER_PACKET,
+    Compression,
+    MultiFDPacket,
+    PacketLayout,
+    WireError,
+)
+from multifd.wire.errors import Where
 
 PAGE = 4096
 BLOCK_PAGES = 64
@@ -270,3 +280,25 @@ def test_a_zlib_stream_finished_inside_a_packet_is_refused_at_that_packet(packet
     assert len(errors) == 1, errors
     assert errors[0].startswith(f"channel 0: packet 0: byte {PACKET_HEADER_SIZE:#x}: ")
     assert "Z_FINISH" in errors[0]
+
+
+@pytest.mark.parametrize(("level", "refused"), [(20, False), (21, True), (22, True)])
+def test_a_zstd_window_beyond_any_multifd_level_is_refused(level: int, refused: bool) -> None:
+    """zstd levels above multifd-zstd-level's 20 ask for windows of 64 and 128
+    MiB, which a hostile source could ask of every channel; level 20's 32 MiB
+    is the most a source may ask."""
+    pages = bytes(range(256)) * 16 * PAGES_PER_PACKET
+    stream = zstandard.ZstdCompressor(level=level).compressobj()
+    payload = stream.compress(pages) + stream.flush(zstandard.COMPRESSOBJ_FLUSH_BLOCK)
+    decompressor = make_decompressor(Compression.ZSTD)
+    assert decompressor is not None
+    where = Where(channel=1, packet=3, offset=0x540)
+    if not refused:
+        assert decompressor.decompress(payload, len(pages), where) == pages
+        return
+    with pytest.raises(
+        WireError,
+        match="channel 1: packet 3: byte 0x540: zstd payload: its "
+        "frame needs a window above 32 MiB",
+    ):
+        decompressor.decompress(payload, len(pages), where)

@@ -86,6 +86,12 @@ class _BoundedSink:
         return len(data)
 
 
+# The largest window a channel's zstd stream may ask for: level 20, the
+# highest multifd-zstd-level, uses 32 MiB. zstd's own limit is 128 MiB, which
+# a hostile source could ask of every channel.
+MAX_ZSTD_WINDOW = 32 << 20
+
+
 class _Overflow(Exception):
     pass
 
@@ -98,7 +104,7 @@ class ZstdDecompressor:
         self._sink = _BoundedSink()
         # The output buffer must hold a whole packet: with a smaller one, output
         # that fills it exactly when the input runs out stays inside zstd.
-        self._stream = zstandard.ZstdDecompressor().stream_writer(
+        self._stream = zstandard.ZstdDecompressor(max_window_size=MAX_ZSTD_WINDOW).stream_writer(
             self._sink, write_size=2 * MAX_PACKET_BYTES, write_return_read=True
         )
 
@@ -116,6 +122,13 @@ class ZstdDecompressor:
                 expected=str(expected),
             ) from None
         except zstandard.ZstdError as exc:
+            if "memory" in str(exc):  # the frame asks for a window above the cap
+                raise WireError(
+                    f"zstd payload: its frame needs a window above {MAX_ZSTD_WINDOW >> 20} MiB, "
+                    "more than any multifd-zstd-level (0-20) uses",
+                    where=where,
+                    field="payload",
+                ) from None
             raise WireError(f"zstd payload: {exc}", where=where) from None
         return _exact(b"".join(self._sink.parts), expected, "zstd", where)
 
