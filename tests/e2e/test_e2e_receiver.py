@@ -26,9 +26,9 @@ from multifd.wire import (
     Compression,
     MultiFDPacket,
     PacketLayout,
+    Where,
     WireError,
 )
-from multifd.wire.errors import Where
 
 PAGE = 4096
 BLOCK_PAGES = 64
