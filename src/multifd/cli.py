@@ -29,6 +29,7 @@ from .control import (
     parse_capability,
     parse_parameter,
     parse_size,
+    parse_uuid,
     stop_on_signals,
 )
 from .demo.runner import DemoError, DemoOptions, DemoStopped, check_size, run_demo
@@ -171,6 +172,7 @@ def _daemon(role: Role, args: argparse.Namespace) -> int:
         parameters=dict(args.set),
         uri=args.uri,
         qmp=args.qmp,
+        uuid=args.uuid,
     )
     try:
         daemon = Daemon(role, options)
@@ -238,6 +240,14 @@ def _add_daemon_options(p: argparse.ArgumentParser) -> None:
         "--qmp",
         metavar="SOCKET",
         help="serve QMP on unix:PATH, tcp:HOST:PORT, or a path",
+    )
+    p.add_argument(
+        "--uuid",
+        type=_checked(parse_uuid),
+        default=bytes(16),
+        help="this end's UUID, as QEMU's -uuid (default: unset, all zeros): a source "
+        "names it in each multifd channel's handshake, and with validate-uuid in its "
+        "stream; a destination takes only channels naming its own",
     )
 
 

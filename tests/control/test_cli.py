@@ -78,6 +78,47 @@ def test_migrate_between_two_daemons(daemon: DaemonFactory, tmp_path: Path, sock
     assert f"waiting for a migration on {uri}" in incoming.stderr
 
 
+UUID = "6f1c52c8-f4a3-4d0c-9a3b-e7e1a0b2c3d4"
+
+
+def test_daemons_take_a_uuid_as_qemus_uuid(
+    daemon: DaemonFactory, tmp_path: Path, sock_dir: Path
+) -> None:
+    """A QEMU source started with -uuid names it in every multifd channel's
+    handshake: a destination takes only channels naming its own UUID."""
+    uri = f"unix:{sock_dir / 'migration.sock'}"
+    both = [*MULTIFD, "--uuid", UUID]
+    incoming = daemon("incoming", uri, *destination_blocks(tmp_path), *both, label="dst")
+    incoming.wait_for_path(sock_dir / "migration.sock")
+    files = make_source_files(tmp_path)
+    source = daemon("migrate", uri, *files, *both, "--cap", "validate-uuid=on", label="src")
+    assert source.wait() == 0, source.stderr
+    assert incoming.wait() == 0, incoming.stderr
+    assert_files_equal(tmp_path)
+
+
+def test_daemons_with_other_uuids_refuse_the_migration(
+    daemon: DaemonFactory, tmp_path: Path, sock_dir: Path
+) -> None:
+    uri = f"unix:{sock_dir / 'migration.sock'}"
+    blocks = destination_blocks(tmp_path)
+    incoming = daemon("incoming", uri, *blocks, "--uuid", UUID, label="dst")
+    incoming.wait_for_path(sock_dir / "migration.sock")
+    source = daemon(
+        "migrate",
+        uri,
+        *make_source_files(tmp_path),
+        *("--uuid", UUID.replace("6f", "00"), "--cap", "validate-uuid=on"),
+        label="src",
+    )
+    assert incoming.wait() == 1
+    assert (
+        "UUID received is 001c52c8-f4a3-4d0c-9a3b-e7e1a0b2c3d4 and local is "
+        f"{UUID}. Mismatch in UUIDs" in incoming.stdout + incoming.stderr
+    )
+    assert source.wait() == 1
+
+
 def test_daemons_driven_by_qmp(daemon: DaemonFactory, tmp_path: Path, sock_dir: Path) -> None:
     source_qmp, destination_qmp = sock_dir / "src.qmp", sock_dir / "dst.qmp"
     incoming = daemon(
@@ -334,6 +375,11 @@ def test_sigterm_cancels_cleanly(daemon: DaemonFactory, tmp_path: Path, sock_dir
                 "unix:/nonexistent/x.sock",
             ],
             "are the same socket: give each its own",
+        ),
+        (
+            ["incoming", "unix:/x", "--block", "a=4K", "--uuid", UUID.replace("-", "")],
+            "argument --uuid: not a UUID: '6f1c52c8f4a34d0c9a3be7e1a0b2c3d4' (8-4-4-4-12 hex "
+            "digits, as QEMU's -uuid)",
         ),
         (
             ["incoming", "unix:/x", "--block", "pc.ram=99999T"],

@@ -20,6 +20,7 @@ from .options import (
     parse_capability,
     parse_parameter,
     parse_size,
+    parse_uuid,
 )
 from .protocol import QMPError, Session
 from .server import QMPAddressError, QMPServer, parse_qmp_address
@@ -48,5 +49,6 @@ __all__ = [
     "parse_parameter",
     "parse_qmp_address",
     "parse_size",
+    "parse_uuid",
     "stop_on_signals",
 ]

@@ -37,6 +37,7 @@ class DaemonOptions:
     parameters: dict[str, Any] = field(default_factory=dict)
     uri: str | None = None  # None (or "defer" when incoming): wait for a QMP command
     qmp: str | None = None
+    uuid: bytes = bytes(16)  # QEMU's -uuid; all zeros is QEMU's unset one
 
 
 class Daemon:
@@ -74,7 +75,10 @@ class Daemon:
         try:
             kind = MigrationDestination if role is Role.INCOMING else MigrationSource
             self.endpoint = kind(
-                self.blocks, capabilities=options.capabilities, parameters=options.parameters
+                self.blocks,
+                capabilities=options.capabilities,
+                parameters=options.parameters,
+                uuid=options.uuid,
             )
         except BaseException:
             self._close_blocks()

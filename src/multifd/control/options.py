@@ -159,3 +159,14 @@ def parse_parameter(text: str) -> tuple[str, Any]:
         return name, parse_parameter_text(name, value)
     except MigrationConfigError as exc:
         raise OptionError(str(exc)) from None
+
+
+# QEMU's -uuid takes exactly this form (qemu_uuid_parse).
+_UUID_FORM = re.compile(r"[0-9a-fA-F]{8}(-[0-9a-fA-F]{4}){3}-[0-9a-fA-F]{12}")
+
+
+def parse_uuid(text: str) -> bytes:
+    """`6f1c52c8-f4a3-4d0c-9a3b-e7e1a0b2c3d4` → its 16 bytes, as QEMU's -uuid."""
+    if not _UUID_FORM.fullmatch(text):
+        raise OptionError(f"not a UUID: {text!r} (8-4-4-4-12 hex digits, as QEMU's -uuid)")
+    return bytes.fromhex(text.replace("-", ""))
