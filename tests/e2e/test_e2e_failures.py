@@ -27,6 +27,7 @@ from multifd.demo.workload import fill
 from multifd.memory import RAMBlock
 from multifd.migration.destination import MigrationDestination
 from multifd.migration.source import MigrationSource
+from multifd.wire import Configuration
 
 LIVE_RATE = 32 * MiB
 KILLED = 1  # the channel that dies
@@ -250,6 +251,32 @@ def test_blocks_that_differ_fail_at_the_destination(tmp_path: Path) -> None:
     finally:
         for block, _ in cases:
             block.close()
+        source_block.close()
+
+
+def test_validate_uuid_goes_into_a_given_configuration(tmp_path: Path) -> None:
+    """A source given a configuration (a QEMU VM's, restoring a snapshot) with
+    validate-uuid on sends its UUID in it: the destination compares it."""
+    source_block = RAMBlock.anonymous("pc.ram", 1 * MiB)
+    block = RAMBlock.anonymous("pc.ram", 1 * MiB)
+    source = MigrationSource(
+        [source_block],
+        capabilities={"validate-uuid": True},
+        uuid=b"\1" * 16,
+        configuration=Configuration.build("pc-i440fx-7.2"),
+    )
+    destination = MigrationDestination(
+        [block], capabilities={"validate-uuid": True}, uuid=b"\2" * 16
+    )
+    try:
+        source.migrate(destination.incoming(f"unix:{tmp_path / 'm.sock'}"))
+        source.wait(FINISH_TIMEOUT)
+        dst = destination.wait(FINISH_TIMEOUT)
+        assert dst["status"] == "failed", dst
+        assert "UUID received is " + "01" * 16 in dst["error-desc"], dst
+    finally:
+        destination.cancel()
+        block.close()
         source_block.close()
 
 

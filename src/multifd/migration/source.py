@@ -412,9 +412,11 @@ class MigrationSource(Endpoint):
         channels = settings.parameter("multifd-channels") if multifd else 0
         profile = PROFILES[settings.parameter("x-stream-profile")]
         self._layout = PacketLayout.V9_0 if profile.zero_pages_in_packets else PacketLayout.V7_2
-        config = self._configuration or Configuration.build(
-            self.machine_type, uuid=self.uuid if settings.capability("validate-uuid") else None
-        )
+        config = self._configuration or Configuration.build(self.machine_type)
+        if settings.capability("validate-uuid"):
+            # Also into a given configuration (a QEMU VM's, saved without it):
+            # without the subsection the destination checks nothing.
+            config = config.with_uuid(self.uuid)
         header = FileHeader().pack() + config.pack()
         connections = connect_channels(
             target,

@@ -157,6 +157,12 @@ class Configuration:
             subs.append(Subsection(CONFIG_UUID, 1, bytes(uuid)))
         return cls(machine_type, tuple(subs))
 
+    def with_uuid(self, uuid: bytes) -> Configuration:
+        """This configuration carrying `uuid` (validate-uuid): any UUID it had is
+        replaced; the UUID subsection is the last one, as QEMU writes it."""
+        subs = tuple(s for s in self.subsections if s.name != CONFIG_UUID)
+        return Configuration(self.machine_type, (*subs, Subsection(CONFIG_UUID, 1, bytes(uuid))))
+
     def _sub(self, name: str) -> Subsection | None:
         return next((s for s in self.subsections if s.name == name), None)
 
