@@ -3,15 +3,23 @@ too: never `completed` for memory the destination does not hold."""
 
 from __future__ import annotations
 
+import contextlib
+import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import numpy as np
 import pytest
 from e2e_support import FINISH_TIMEOUT, MiB, Migration, source_threads, wait_until
 from relay import Relay, block_name
+
+from multifd.demo.workload import fill
+from multifd.memory import RAMBlock
+from multifd.migration.source import MigrationSource
 
 SIZE = 8 * MiB
 
@@ -152,3 +160,60 @@ def test_memory_is_equal_after_a_verified_return_path_migration(
     assert src["x-return-path"]["shut"] == 0
     for a, b in zip(m.src_blocks, m.dst_blocks, strict=True):
         assert np.array_equal(a.array, b.array)
+
+
+def _peer(path: str, *, close_at_once: bool) -> tuple[socket.socket, threading.Thread]:
+    """A unix listener that accepts one connection and either closes it after
+    the file header (a destination refusing the configuration) or never reads
+    it (one waiting for channels that never come)."""
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(4)
+    held: list[socket.socket] = []
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        if close_at_once:
+            conn.recv(8)  # as QEMU, which refuses what follows the file header
+            conn.close()
+        else:
+            held.append(conn)
+            listener.settimeout(10)
+            with contextlib.suppress(OSError):  # closed by the test
+                listener.recv(1)
+
+    thread = threading.Thread(target=serve, name="test-peer")
+    thread.start()
+    return listener, thread
+
+
+@pytest.mark.parametrize(
+    ("close_at_once", "words"),
+    [
+        (True, "it had not answered our PING: it refused the stream's header or configuration"),
+        (False, "has not answered our PING on the return path: it has not begun to read"),
+    ],
+)
+def test_a_destination_that_never_answers_the_ping_is_named(
+    tmp_path: Path, close_at_once: bool, words: str
+) -> None:
+    block = RAMBlock.anonymous("pc.ram", SIZE)
+    fill(block.array)
+    source = MigrationSource(
+        [block],
+        capabilities={"return-path": True},
+        parameters={"x-io-timeout": 1, "max-bandwidth": 0},
+    )
+    path = str(tmp_path / "m.sock")
+    listener, thread = _peer(path, close_at_once=close_at_once)
+    try:
+        source.migrate(f"unix:{path}")
+        info = source.wait(FINISH_TIMEOUT)
+    finally:
+        with contextlib.suppress(OSError):
+            listener.shutdown(socket.SHUT_RDWR)
+        listener.close()
+        thread.join()
+        block.close()
+    assert info["status"] == "failed", info
+    assert words in info["error-desc"], info

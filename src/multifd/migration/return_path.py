@@ -18,6 +18,21 @@ from ..wire.return_path import RETURN_PATH
 SHUT_OK = 0
 SHUT_FAILED = 1
 READ_CHUNK = 4096
+# A destination that closes before its first PONG gave up on what precedes the
+# PING: the file header or the configuration (a QEMU 7.2 destination exits
+# then, with no SHUT; its own log has the reason).
+BEFORE_PONG = (
+    "; it had not answered our PING: it refused the stream's header or configuration "
+    "(a QEMU destination checks the machine type, the capabilities it lists and, "
+    "with validate-uuid, the UUID)"
+)
+# A destination that reads nothing never answers the PING sent with the header.
+NO_PONG = (
+    "; the destination has not answered our PING on the return path: it has not "
+    "begun to read the main channel (a QEMU destination begins only once all its "
+    "multifd channels are connected: are its multifd capability and "
+    "multifd-channels the same as ours?)"
+)
 
 
 class ReturnPathReader:
@@ -58,6 +73,11 @@ class ReturnPathReader:
             return f"the destination reported failure (SHUT {self.shut}){because}"
         return self._failure
 
+    def silent(self) -> bool:
+        """The destination has said nothing at all: no PONG, no SHUT, and the
+        return path has not broken either."""
+        return not self.pongs and self.shut is None and self._failure is None
+
     def info(self) -> dict[str, Any]:
         """What the destination said so far, for query-migrate."""
         return {"pongs": list(self.pongs), "shut": self.shut}
@@ -82,6 +102,8 @@ class ReturnPathReader:
         except ChannelError as exc:
             if self.shut is None:
                 self._failure = f"the return path from the destination broke: {exc}"
+                if not self.pongs:
+                    self._failure += BEFORE_PONG
         finally:
             self._done.set()
             verdict = self.verdict()
@@ -106,6 +128,8 @@ class ReturnPathReader:
                         "the destination closed the return path without reporting its "
                         "result (no SHUT)"
                     )
+                    if not self.pongs:
+                        self._failure += BEFORE_PONG
                 return
             self._decoder.feed(memoryview(buffer)[:n])
             while True:

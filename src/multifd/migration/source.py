@@ -56,7 +56,7 @@ from .multifd_send import MultifdSender
 from .params import SOURCE_SETUP_PARAMETERS, MigrationConfigError, MigrationSettings
 from .qemufile import QEMUFileWriter
 from .rate_limit import RateLimit
-from .return_path import ReturnPathReader
+from .return_path import NO_PONG, ReturnPathReader
 from .state import MigrationState, MigrationStatus
 from .stats import MigrationAborted, RamStats
 from .tls_settings import tls_config
@@ -403,8 +403,13 @@ class MigrationSource(Endpoint):
         return_path = self._return_path
         if return_path is not None and not self._cancel.is_set():
             return_path.wait(VERDICT_GRACE)
+            verdict = return_path.verdict()
             if return_path.shut is not None:
-                message = return_path.verdict() or message
+                message = verdict or message
+            elif return_path.silent():
+                message += NO_PONG
+            elif verdict is not None:  # closed without SHUT: maybe before any PONG
+                message += f"; {verdict}"
         self._fail(message)
 
     def _setup(self, target, settings: MigrationSettings, tls, trackers: list) -> None:
@@ -655,9 +660,10 @@ class MigrationSource(Endpoint):
         assert self._return_path is not None
         timeout = settings.parameter("x-io-timeout") or None
         if not self._return_path.wait(timeout):
+            silent = NO_PONG if self._return_path.silent() else ""
             self._fail(
                 f"the destination did not report its result (no SHUT on the return path) "
-                f"within {timeout:g} s"
+                f"within {timeout:g} s{silent}"
             )
             raise MigrationAborted
         verdict = self._return_path.verdict()
