@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.live import Live
 
 from . import __version__
-from .analyze import analyze, check_extract_folder, load_recording
+from .analyze import Analysis, RecordingError, analyze, check_extract_folder, load_recording
 from .analyze.report import render
 from .bench import command as bench_command
 from .channels import ChannelError, URIError
@@ -53,6 +53,9 @@ from .qemu.snapshot import SnapshotError, SnapshotStopped, restore, save
 
 
 def _analyze(args: argparse.Namespace) -> int:
+    """Exit status 0: a sound recording; 1: the recording is broken or could
+    not be read (said on stderr, one line each); 2: a usage error. With --json,
+    stdout holds one JSON object whenever the status is 0 or 1."""
     console = Console(stderr=args.json)
     if args.extract is not None:
         # Before the recording is read: decompressing and decoding it can be long.
@@ -63,20 +66,24 @@ def _analyze(args: argparse.Namespace) -> int:
             return 2
     try:
         recording = load_recording(args.path)
-    except (OSError, ValueError) as exc:
-        print(f"multifd analyze: error: {exc}", file=sys.stderr)
-        return 2
-    try:
+    except RecordingError as exc:
+        result = Analysis(str(args.path), errors=[str(exc)])
+    else:
         result = analyze(recording, extract=args.extract)
-    except OSError as exc:
-        # Only the RAM images touch the file system once the recording is read.
-        print(f"multifd analyze: error: --extract {args.extract}: {exc}", file=sys.stderr)
-        return 2
     if args.json:
         print(json.dumps(result.to_json(), indent=1))
+        for error in result.errors:
+            print(f"multifd analyze: error: {error}", file=sys.stderr)
+        for check in result.checks:
+            if not check.ok and not result.errors:
+                print(
+                    f"multifd analyze: check failed: {check.name}: {check.detail}", file=sys.stderr
+                )
+    elif not result.checks:
+        print(f"multifd analyze: error: {result.errors[0]}", file=sys.stderr)
     else:
         render(result, console)
-        if args.extract:
+        if result.extracted is not None and result.extracted["complete"]:
             console.print(f"RAM blocks written to {args.extract} (see blocks.json there)")
     ok = not result.errors and all(c.ok for c in result.checks)
     return 0 if ok else 1

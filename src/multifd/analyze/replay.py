@@ -9,11 +9,13 @@ optional RAM images come out of the same pass.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import heapq
+import itertools
 import json
-import mmap
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from urllib.parse import quote
@@ -44,6 +46,7 @@ from ..wire import (
     read_packet,
 )
 from ..wire.devices import expected_devices
+from ..wire.errors import Where
 from ..wire.multifd import COMPRESSION_MASK, PAGES_PER_PACKET
 from ..wire.xbzrle import apply_xbzrle
 from .recording import Recording
@@ -101,6 +104,9 @@ class Analysis:
     vmdesc_devices: list[str] | None = None
     main_bytes: int = 0
     completed: bool = False  # the main stream reached QEMU_VM_EOF
+    missing_connections: list[str] = field(default_factory=list)
+    unsent_pages: int | None = None  # pages of the blocks never sent; None: not known
+    extracted: dict | None = None  # folder, files, complete (no error while decoding)
     errors: list[str] = field(default_factory=list)
     checks: list[Check] = field(default_factory=list)
 
@@ -143,6 +149,9 @@ class Analysis:
             "device_sections": self.device_sections,
             "commands": self.commands,
             "completed": self.completed,
+            "missing_connections": self.missing_connections,
+            "unsent_pages": self.unsent_pages,
+            "extracted": self.extracted,
             "checks": [asdict(c) for c in self.checks],
             "errors": self.errors,
         }
@@ -162,8 +171,9 @@ class _Delivery:
 class _ChannelReplay:
     """Reads one multifd channel's packets, a segment at a time."""
 
-    def __init__(self, accept_order: int, data: bytes, layout: PacketLayout) -> None:
+    def __init__(self, accept_order: int, file: str, data: bytes, layout: PacketLayout) -> None:
         self.stats = ChannelStats(accept_order)
+        self.file = file
         self.source = BufferSource(data)
         self.reader = Reader(self.source)
         self.layout = layout
@@ -174,13 +184,14 @@ class _ChannelReplay:
         try:
             init = read_init(self.reader)
         except WireError as exc:
-            self.fail(f"connection {accept_order}: {exc}")
+            # No channel id yet: the error's own position would say "main channel".
+            self.fail(f"multifd init: byte {exc.where.offset or 0:#x}: {exc.message}")
             return
         self.stats.id = init.channel_id
         self.reader.set_context(channel=init.channel_id)
 
     def fail(self, message: str) -> None:
-        self.stats.error = message
+        self.stats.error = f"{self.file}: {message}"
         self.dead = True
 
     def segment(self, blocks: dict[str, int], label: str) -> Iterator[_Delivery]:
@@ -269,57 +280,144 @@ def check_extract_folder(folder: Path) -> None:
         raise ValueError(f"{folder} cannot be created: {ancestor} is not writable")
 
 
-class _Images:
-    """RAM blocks rebuilt as sparse files, written through shared mappings."""
+class _PageSet:
+    """One bit per page of each block: which pages a pass has seen."""
 
-    def __init__(self, folder: Path, blocks: list[tuple[str, int]]) -> None:
-        folder.mkdir(parents=True, exist_ok=True)
-        self.maps: dict[str, mmap.mmap] = {}
-        self.arrays: dict[str, np.ndarray] = {}
-        self.files: dict[str, str] = {}
-        for name, length in blocks:
-            path = folder / block_file_name(name)
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
-            try:
-                os.ftruncate(fd, length)
-                self.maps[name] = mmap.mmap(fd, length)
-            finally:
-                os.close(fd)
-            self.arrays[name] = np.frombuffer(self.maps[name], dtype=np.uint8)
-            self.files[name] = path.name
-        (folder / "blocks.json").write_text(
-            json.dumps(
-                [{"name": n, "used_length": length, "file": self.files[n]} for n, length in blocks],
-                indent=1,
-            )
+    # 1 TiB of RAM in 32 MiB of bits; a recording declaring more (hostile, or
+    # a giant guest) is decoded without this bookkeeping rather than refused.
+    MAX_PAGES = 1 << 28
+
+    def __init__(self, blocks: list[tuple[str, int]]) -> None:
+        self.bits = {
+            name: np.zeros((length // TARGET_PAGE_SIZE + 7) // 8, dtype=np.uint8)
+            for name, length in blocks
+        }
+
+    @classmethod
+    def fits(cls, blocks: list[tuple[str, int]]) -> bool:
+        return sum(length for _, length in blocks) // TARGET_PAGE_SIZE <= cls.MAX_PAGES
+
+    def add(self, block: str, offsets: np.ndarray) -> None:
+        pages = np.asarray(offsets, dtype=np.uint64) // TARGET_PAGE_SIZE
+        np.bitwise_or.at(
+            self.bits[block], (pages >> 3).astype(np.intp), (1 << (pages & 7)).astype(np.uint8)
         )
 
+    def has(self, block: str, offset: int) -> bool:
+        page = offset // TARGET_PAGE_SIZE
+        return bool(self.bits[block][page >> 3] & (1 << (page & 7)))
+
+    def count(self) -> int:
+        return sum(int(np.bitwise_count(bits).sum()) for bits in self.bits.values())
+
+
+class _Images:
+    """RAM blocks rebuilt as sparse files of their used length, written with
+    pwrite: the memory used stays that of one packet, whatever the blocks
+    claim to be. Nothing is overwritten: every file is created new."""
+
+    def __init__(self, folder: Path, blocks: list[tuple[str, int]]) -> None:
+        self.folder = folder
+        self.created_folder = not folder.exists()
+        self.blocks = dict(blocks)
+        self.created: list[Path] = []
+        self.fds: dict[str, int] = {}
+        self.files: dict[str, str] = {}
+        # Pages written with data: a zero page on a page never written is
+        # already zero in the sparse file, and writing it would allocate it.
+        self.written = _PageSet(blocks) if _PageSet.fits(blocks) else None
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            for name, length in blocks:
+                path = folder / block_file_name(name)
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+                self.created.append(path)
+                self.fds[name] = fd
+                self.files[name] = path.name
+                os.ftruncate(fd, length)
+        except OSError:
+            self.remove()
+            raise
+
     def write(self, block: str, offsets: np.ndarray, pages: np.ndarray) -> None:
-        image = self.arrays[block]
-        if len(offsets) and not np.any(offsets % TARGET_PAGE_SIZE):
-            rows = image.reshape(-1, TARGET_PAGE_SIZE)
-            rows[(offsets // TARGET_PAGE_SIZE).astype(np.intp)] = pages
+        fd = self.fds[block]
+        if not len(offsets):
             return
-        for offset, page in zip(offsets.tolist(), pages, strict=True):
-            image[offset : offset + TARGET_PAGE_SIZE] = page
+        if self.written is not None:
+            self.written.add(block, offsets)
+        # One pwrite per run of adjacent pages (a packet is mostly one run).
+        starts = np.flatnonzero(np.diff(offsets.astype(np.int64)) != TARGET_PAGE_SIZE) + 1
+        bounds = [0, *starts.tolist(), len(offsets)]
+        for first, end in itertools.pairwise(bounds):
+            os.pwrite(fd, pages[first:end].data, int(offsets[first]))
+
+    def deliver(self, delivery: _Delivery) -> None:
+        if delivery.pages is not None:
+            self.write(delivery.block, delivery.offsets, delivery.pages)
+        for offset in delivery.zero_offsets.tolist():
+            self.fill(delivery.block, offset, 0)
 
     def fill(self, block: str, offset: int, value: int) -> None:
-        self.arrays[block][offset : offset + TARGET_PAGE_SIZE] = value
+        if value == 0 and self.written is not None and not self.written.has(block, offset):
+            return
+        os.pwrite(self.fds[block], bytes([value]) * TARGET_PAGE_SIZE, offset)
 
-    def page(self, block: str, offset: int) -> memoryview:
-        return memoryview(self.maps[block])[offset : offset + TARGET_PAGE_SIZE]
+    def update(self, block: str, offset: int, encoded: bytes) -> None:
+        """Apply an XBZRLE delta to the page as the images hold it."""
+        page = bytearray(os.pread(self.fds[block], TARGET_PAGE_SIZE, offset))
+        apply_xbzrle(encoded, memoryview(page))
+        self.write(block, np.array([offset], dtype=np.uint64), np.frombuffer(page, np.uint8))
 
     def close(self) -> None:
-        self.arrays.clear()
-        for m in self.maps.values():
-            m.flush()
-            m.close()
-        self.maps.clear()
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds.clear()
+
+    def finish(self) -> None:
+        """Close the files and list them in blocks.json."""
+        self.close()
+        listing = [
+            {"name": name, "used_length": length, "file": self.files[name]}
+            for name, length in self.blocks.items()
+        ]
+        path = self.folder / "blocks.json"
+        with open(path, "x") as f:
+            self.created.append(path)
+            json.dump(listing, f, indent=1)
+
+    def remove(self) -> None:
+        """Undo: delete every file this extraction created (and its folder)."""
+        self.close()
+        for path in self.created:
+            path.unlink(missing_ok=True)
+        if self.created_folder:
+            with contextlib.suppress(OSError):
+                self.folder.rmdir()
+
+
+# Names a file may not take whatever the block is called: the folder itself,
+# its parent, and the listing written beside the images.
+_RESERVED = {".": "%2E", "..": "%2E%2E", "blocks.json": "blocks%2Ejson"}
+_NAME_MAX = 200  # bytes of file name, under every file system's 255
 
 
 def block_file_name(name: str) -> str:
-    """A file name for a RAMBlock idstr ("/rom@etc/acpi/tables" has slashes)."""
-    return quote(name, safe="@.-_")
+    """A file name for a RAMBlock idstr, inside the folder whatever the idstr
+    holds ("/rom@etc/acpi/tables" has slashes): percent-encoded, so distinct
+    names give distinct files. A name too long for a file keeps a readable
+    head and a hash of the whole, after "%%" (which percent-encoding never
+    writes, so it cannot meet another block's name)."""
+    encoded = quote(name, safe="@.-_")
+    encoded = _RESERVED.get(encoded, encoded)
+    if len(encoded) <= _NAME_MAX:
+        return encoded
+    head = ""
+    for char in name:
+        piece = quote(char, safe="@.-_")
+        if len(head) + len(piece) > _NAME_MAX - 34:
+            break
+        head += piece
+    return f"{head}%%{hashlib.sha256(name.encode()).hexdigest()[:32]}"
 
 
 class _Replay:
@@ -328,9 +426,13 @@ class _Replay:
         self.recording = recording
         self.extract = extract
         self.images: _Images | None = None
+        self.sent: _PageSet | None = None  # every page a record or packet carried
+        self.main_data_pages = 0  # pages with data on the main channel
+        self.ignore_shared = False  # blocks of shared memory are not sent at all
         self.blocks: dict[str, int] = {}
         self.channels = [
-            _ChannelReplay(i + 1, data, layout) for i, data in enumerate(recording.channels)
+            _ChannelReplay(i + 1, recording.file(i + 1), data, layout)
+            for i, data in enumerate(recording.channels)
         ]
         self.round = RoundStats(0)
         self.round_mode: bool | None = None
@@ -339,12 +441,47 @@ class _Replay:
         try:
             self._main()
         except WireError as exc:
-            self.result.errors.append(str(exc))
-        finally:
-            if self.images is not None:
-                self.images.close()
+            self.result.errors.append(f"{self.recording.file(0)}: {exc}")
         self._finish()
+        if self.images is not None:
+            try:
+                self.images.finish()
+            except OSError as exc:
+                self._extract_failed(exc)
+            else:
+                self.result.extracted = {
+                    "folder": str(self.images.folder),
+                    "complete": not self.result.errors,
+                    "files": len(self.images.files),
+                }
         return self.result
+
+    def _extract_failed(self, exc: OSError) -> None:
+        """The images cannot be finished: remove them rather than leave a
+        folder that looks like a RAM dump and is not one."""
+        folder = self.extract
+        if self.images is not None:
+            self.images.remove()
+            self.images = None
+        where = f": {exc.filename}" if exc.filename else ""
+        self.result.errors.append(
+            f"--extract {folder}: {exc.strerror or exc}{where} "
+            "(decoding went on without it; the files it had written are removed)"
+        )
+
+    def _image(self, action: Callable[..., object], *args: object) -> None:
+        """Call `action(images, *args)` if there are images; a file system
+        error ends the extraction, not the decoding."""
+        if self.images is None:
+            return
+        try:
+            action(self.images, *args)
+        except OSError as exc:
+            self._extract_failed(exc)
+
+    def _mark_sent(self, block: str, offsets: np.ndarray) -> None:
+        if self.sent is not None and len(offsets):
+            self.sent.add(block, offsets)
 
     def _main(self) -> None:
         decoder = MainStreamDecoder(BufferSource(self.recording.main))
@@ -352,18 +489,22 @@ class _Replay:
         for record in decoder:
             if isinstance(record, ZeroPage):
                 self.round.zero_pages += 1
-                if self.images is not None:
-                    self.images.fill(record.block, record.offset, record.fill)
+                self._mark_sent(record.block, np.array([record.offset], dtype=np.uint64))
+                self._image(_Images.fill, record.block, record.offset, record.fill)
             elif isinstance(record, Page | CompressedPage):
                 self.round.normal_pages += 1
+                self.main_data_pages += 1
+                self._mark_sent(record.block, np.array([record.offset], dtype=np.uint64))
                 if self.images is not None:
                     data = record.data if isinstance(record, Page) else record.decompress()
                     page = np.frombuffer(data, dtype=np.uint8).reshape(1, TARGET_PAGE_SIZE)
-                    self.images.write(record.block, np.array([record.offset]), page)
+                    offsets = np.array([record.offset], dtype=np.uint64)
+                    self._image(_Images.write, record.block, offsets, page)
             elif isinstance(record, XbzrlePage):
                 self.round.normal_pages += 1
-                if self.images is not None:
-                    apply_xbzrle(record.encoded, self.images.page(record.block, record.offset))
+                self.main_data_pages += 1
+                self._mark_sent(record.block, np.array([record.offset], dtype=np.uint64))
+                self._image(_Images.update, record.block, record.offset, record.encoded)
             elif isinstance(record, EndOfSection):
                 if self.round_mode is None:
                     self.round_mode = False
@@ -378,10 +519,7 @@ class _Replay:
                     raise WireError("MULTIFD_FLUSH in a stream that syncs at every EOS")
                 self._sync(f"the flush in round {self.round.index}")
             elif isinstance(record, MemSize):
-                self.blocks = {b.name: b.used_length for b in record.blocks}
-                result.blocks = [(b.name, b.used_length) for b in record.blocks]
-                if self.extract is not None and self.images is None:
-                    self.images = _Images(self.extract, result.blocks)
+                self._mem_size(record, decoder.reader.where)
             elif isinstance(record, Configuration):
                 result.machine_type = record.machine_type
                 result.capabilities = record.capabilities
@@ -395,6 +533,31 @@ class _Replay:
                 devices = expected_devices(record)
                 result.vmdesc_devices = None if devices is None else [n for n, _ in devices]
         result.completed = decoder.state.name == "DONE"
+
+    def _mem_size(self, record: MemSize, where: Where) -> None:
+        blocks = [(b.name, b.used_length) for b in record.blocks]
+        if self.result.blocks and blocks != self.result.blocks:
+            # QEMU sends the list once, in the setup section; the images, the
+            # counts and the coverage are all laid out on the first one.
+            raise WireError(
+                f"a second MEM_SIZE block list {[n for n, _ in blocks]} differs from the "
+                f"first {[n for n, _ in self.result.blocks]} (or their lengths do)",
+                where=where,
+            )
+        if self.result.blocks:
+            return
+        self.blocks = dict(blocks)
+        self.result.blocks = blocks
+        # With x-ignore-shared each entry carries an address and shared blocks
+        # are never sent: "every page sent" does not hold.
+        self.ignore_shared = any(b.addr is not None for b in record.blocks)
+        if _PageSet.fits(blocks):
+            self.sent = _PageSet(blocks)
+        if self.extract is not None:
+            try:
+                self.images = _Images(self.extract, blocks)
+            except OSError as exc:
+                self._extract_failed(exc)
 
     def _sync(self, label: str) -> None:
         """Read every channel up to its SYNC and apply the segment in send order."""
@@ -416,10 +579,9 @@ class _Replay:
                 if len(delivery.offsets) == PAGES_PER_PACKET:
                     tails.add((delivery.block, int(delivery.offsets[-1])))
             self.round.normal_pages += count
-            if self.images is not None:
-                self.images.write(delivery.block, delivery.offsets, delivery.pages)
-                for offset in delivery.zero_offsets.tolist():
-                    self.images.fill(delivery.block, offset, 0)
+            self._mark_sent(delivery.block, delivery.offsets)
+            self._mark_sent(delivery.block, delivery.zero_offsets)
+            self._image(_Images.deliver, delivery)
 
     def _finish(self) -> None:
         result = self.result
@@ -444,6 +606,14 @@ class _Replay:
             if stats.error:
                 result.errors.append(stats.error)
         result.errors.extend(leftovers)
+        result.missing_connections = list(self.recording.missing)
+        for name in self.recording.missing:
+            result.errors.append(
+                f"{name}: missing (the multifd connections are numbered from conn1): "
+                "the pages that channel carried are not in this recording"
+            )
+        if self.sent is not None and not self.ignore_shared:
+            result.unsent_pages = result.total // TARGET_PAGE_SIZE - self.sent.count()
         self._checks(leftovers)
 
     def _checks(self, leftovers: list[str]) -> None:
@@ -478,6 +648,8 @@ class _Replay:
                 healthy = healthy and all(n == points for n in counts.values())
                 detail = f"{points} EOS; SYNC packets per channel {counts}"
             checks.append(Check("sync", healthy, detail))
+        if result.unsent_pages is not None:
+            checks.append(self._coverage_check())
         offset_errors = [e for e in result.errors if "offset" in e]
         checks.append(
             Check(
@@ -497,6 +669,34 @@ class _Replay:
                     else "device sections differ from the vmdesc device list",
                 )
             )
+
+    def _coverage_check(self) -> Check:
+        """Every page of every block is sent at least once (the first round
+        sends them all): what is not was lost, with the channels that carried it."""
+        result = self.result
+        unsent = result.unsent_pages or 0
+        pages = result.total // TARGET_PAGE_SIZE
+        if not unsent:
+            return Check("coverage", True, f"every one of the {pages} pages sent")
+        detail = f"{unsent} of {pages} pages ({_size(unsent * TARGET_PAGE_SIZE)}) never sent"
+        if not self.channels and self.main_data_pages == 0:
+            # A 7.2 multifd source puts only zero pages on the main channel.
+            detail += (
+                ": the main stream carries no page data, as with multifd; were the "
+                "multifd channels (conn1.bin …) recorded? Without them that RAM is lost"
+            )
+        elif result.missing_connections:
+            detail += f": lost with {', '.join(result.missing_connections)}"
+        elif not result.completed or result.errors:
+            detail += ": the recording stops early or has errors"
+        return Check("coverage", False, detail)
+
+
+def _size(n: int) -> str:
+    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if n >= 1 << shift:
+            return f"{n / (1 << shift):.1f} {unit}"
+    return f"{n} B"
 
 
 def analyze(

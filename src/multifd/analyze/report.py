@@ -93,5 +93,15 @@ def render(analysis: Analysis, console: Console) -> None:
         mark = Text("ok", style="green") if check.ok else Text("FAIL", style="bold red")
         checks.add_row(mark, check.name, check.detail)
     console.print(checks)
+    if a.extracted is not None and not a.extracted["complete"]:
+        console.print(
+            Text("incomplete: ", style="bold red")
+            + Text(
+                f"the RAM blocks written to {a.extracted['folder']} hold only what the "
+                "recording carried up to its errors",
+            ),
+            soft_wrap=True,
+        )
+    # One line each, however narrow the terminal: scripts grep them.
     for error in a.errors:
-        console.print(Text("error: ", style="bold red") + Text(error))
+        console.print(Text("error: ", style="bold red") + Text(error), soft_wrap=True)
