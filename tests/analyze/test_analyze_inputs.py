@@ -105,6 +105,13 @@ def _bad_xz(tmp: Path) -> Path:
     return tmp / "rec"
 
 
+def _xz_and_more(tmp: Path) -> Path:
+    (tmp / "rec").mkdir()
+    data = (FIXTURES / "mf2-nokernel" / "conn0.bin.xz").read_bytes()
+    (tmp / "rec" / "conn0.bin.xz").write_bytes(data + b"junk")
+    return tmp / "rec"
+
+
 def _no_main(tmp: Path) -> Path:
     (tmp / "rec").mkdir()
     shutil.copy(FIXTURES / "mf2-nokernel" / "conn1.bin.xz", tmp / "rec")
@@ -126,14 +133,22 @@ def _truncated_channel(tmp: Path) -> Path:
     [
         (lambda tmp: tmp / "nothing-here", "nothing-here: no such file or folder"),
         (_empty, "empty.bin: main channel: byte 0x0: truncated file magic"),
-        (_bad_xz, "conn0.bin.xz: not a valid .xz file"),
+        (_bad_xz, "conn0.bin.xz: byte 0x2026: the xz stream is truncated"),
+        (_xz_and_more, "conn0.bin.xz: byte 0x404c: bytes after the end of the xz stream"),
         (_no_main, "no conn0.bin or conn0.bin.xz (the main channel)"),
         (
             _truncated_channel,
             "conn1.bin: channel 0: packet 1: byte 0xac0: truncated packet payload",
         ),
     ],
-    ids=["no such path", "empty file", "corrupt xz", "no conn0", "truncated packet"],
+    ids=[
+        "no such path",
+        "empty file",
+        "truncated xz",
+        "xz then junk",
+        "no conn0",
+        "truncated packet",
+    ],
 )
 def test_a_bad_recording_exits_1_naming_file_and_offset(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], make: object, says: str

@@ -7,9 +7,13 @@ accept order), each possibly xz-compressed; a single file is a main stream.
 from __future__ import annotations
 
 import lzma
+import mmap
+import os
 import re
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 _CONN = re.compile(r"^conn(\d+)\.bin(\.xz)?$")
 
@@ -23,8 +27,9 @@ class Recording:
     """The bytes of every connection of one migration, main first."""
 
     path: Path
-    main: bytes
-    channels: tuple[bytes, ...]  # multifd connections in accept order
+    # Each connection's bytes (an mmap or bytes: anything with the buffer protocol).
+    main: bytes | mmap.mmap
+    channels: tuple[bytes | mmap.mmap, ...]  # multifd connections in accept order
     # The file each connection came from, main first, for the errors that name it.
     files: tuple[str, ...] = ()
     # Multifd connections absent from the numbering (conn2.bin when conn1 and
@@ -38,17 +43,55 @@ class Recording:
         return "main stream" if index == 0 else f"connection {index}"
 
 
-def _read(path: Path) -> bytes:
+_CHUNK = 1 << 20
+
+
+def _read(path: Path) -> mmap.mmap | bytes:
+    """The connection's bytes, mapped rather than read: a recording of
+    hundreds of MiB stays in the page cache, not in this process's heap. An
+    .xz file is decompressed a chunk at a time into an unlinked temporary file."""
     try:
-        raw = path.read_bytes()
+        with open(path, "rb") as f:
+            if path.suffix == ".xz":
+                return _decompress(path, f)
+            return _map(f)
     except OSError as exc:
-        raise RecordingError(f"{path}: cannot be read: {exc.strerror}") from None
-    if path.suffix != ".xz":
-        return raw
-    try:
-        return lzma.decompress(raw, format=lzma.FORMAT_XZ)
-    except lzma.LZMAError as exc:
-        raise RecordingError(f"{path}: not a valid .xz file ({exc})") from None
+        raise RecordingError(f"{path}: cannot be read: {exc.strerror or exc}") from None
+
+
+def _map(f: BinaryIO) -> mmap.mmap | bytes:
+    if os.fstat(f.fileno()).st_size == 0:
+        return b""  # mmap refuses an empty file
+    return mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
+
+
+def _decompress(path: Path, f: BinaryIO) -> mmap.mmap | bytes:
+    with tempfile.TemporaryFile() as out:
+        decompressor = lzma.LZMADecompressor(lzma.FORMAT_XZ)
+        read = 0  # bytes of the .xz file fed to the decompressor
+        while not decompressor.eof:
+            chunk = b""
+            if decompressor.needs_input:
+                chunk = f.read(_CHUNK)
+                read += len(chunk)
+                if not chunk:
+                    raise RecordingError(
+                        f"{path}: byte {read:#x}: the xz stream is truncated "
+                        "(the file ends before its end marker)"
+                    )
+            try:
+                out.write(decompressor.decompress(chunk, _CHUNK))
+            except lzma.LZMAError as exc:
+                raise RecordingError(
+                    f"{path}: not a valid .xz file ({exc}, within its first {read:#x} bytes)"
+                ) from None
+        trailing = len(decompressor.unused_data)
+        if trailing or f.read(1):
+            raise RecordingError(
+                f"{path}: byte {read - trailing:#x}: bytes after the end of the xz stream"
+            )
+        out.flush()
+        return _map(out)
 
 
 def load_recording(path: str | Path) -> Recording:
