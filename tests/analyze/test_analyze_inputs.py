@@ -27,6 +27,7 @@ from multifd.wire import (
     RamBlockEntry,
     SectionFooter,
     SectionStart,
+    XbzrlePage,
     ZeroPage,
 )
 
@@ -256,3 +257,14 @@ def test_zero_pages_after_data_clear_it(tmp_path: Path) -> None:
     (tmp_path / "main.bin").write_bytes(_stream({"pc.ram": 8192}, *records))
     analyze(load_recording(tmp_path / "main.bin"), extract=tmp_path / "out")
     assert (tmp_path / "out" / "pc.ram").read_bytes() == bytes(8192)
+
+
+def test_an_xbzrle_delta_lands_on_the_page_it_changes(tmp_path: Path) -> None:
+    # A delta: 7 bytes unchanged, then 1 byte that becomes 9.
+    records = [Page("pc.ram", 4096, b"\x01" * 4096), XbzrlePage("pc.ram", 4096, bytes([7, 1, 9]))]
+    (tmp_path / "main.bin").write_bytes(_stream({"pc.ram": 8192}, *records))
+    result = analyze(load_recording(tmp_path / "main.bin"), extract=tmp_path / "out")
+    assert not result.errors and result.normal == 2
+    page = bytearray(b"\x01" * 4096)
+    page[7] = 9
+    assert (tmp_path / "out" / "pc.ram").read_bytes() == bytes(4096) + page

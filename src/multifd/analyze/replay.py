@@ -366,7 +366,8 @@ class _Images:
         """Apply an XBZRLE delta to the page as the images hold it."""
         page = bytearray(os.pread(self.fds[block], TARGET_PAGE_SIZE, offset))
         apply_xbzrle(encoded, memoryview(page))
-        self.write(block, np.array([offset], dtype=np.uint64), np.frombuffer(page, np.uint8))
+        rows = np.frombuffer(page, np.uint8).reshape(1, TARGET_PAGE_SIZE)
+        self.write(block, np.array([offset], dtype=np.uint64), rows)
 
     def close(self) -> None:
         for fd in self.fds.values():
