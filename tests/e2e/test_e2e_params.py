@@ -155,6 +155,21 @@ def test_bad_parameters_refused(
     assert endpoint.query() == {}
 
 
+def test_throttle_floor_above_its_ceiling_refused(blocks: list[RAMBlock]) -> None:
+    """QEMU checks max-cpu-throttle against cpu-throttle-initial at every set,
+    not only when the ceiling is set: a floor raised above it is refused too."""
+    source = MigrationSource(blocks, parameters={"max-cpu-throttle": 50})
+    message = (
+        "Parameter 'max-cpu-throttle' expects an integer in the range of cpu-throttle-initial to 99"
+    )
+    with pytest.raises(MigrationConfigError, match="^" + _literal(message)):
+        source.set_parameters({"cpu-throttle-initial": 60})
+    assert source.settings.parameter("cpu-throttle-initial") == 20
+    source.set_parameters({"cpu-throttle-initial": 50})
+    with pytest.raises(MigrationConfigError, match="^" + _literal(message)):
+        MigrationSource(blocks, parameters={"cpu-throttle-initial": 60, "max-cpu-throttle": 50})
+
+
 @pytest.mark.parametrize("side", ["source", "destination"])
 @pytest.mark.parametrize(("states", "message"), BAD_CAPABILITIES)
 def test_bad_capabilities_refused(

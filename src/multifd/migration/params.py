@@ -305,10 +305,10 @@ class MigrationSettings:
             checked[name] = check_parameter(name, value)
         with self._lock:
             merged = {**self._parameters, **checked}
-            # QEMU checks the ceiling against the floor only when the ceiling is set.
-            if "max-cpu-throttle" in checked and (
-                merged["max-cpu-throttle"] < merged["cpu-throttle-initial"]
-            ):
+            # QEMU checks the merged parameters, every one of them, at every
+            # set: a floor raised above the ceiling is refused as the ceiling
+            # set below the floor is (in the ceiling's words either way).
+            if merged["max-cpu-throttle"] < merged["cpu-throttle-initial"]:
                 raise MigrationConfigError(
                     "Parameter 'max-cpu-throttle' expects an integer in the range of "
                     "cpu-throttle-initial to 99"
