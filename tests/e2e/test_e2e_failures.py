@@ -25,6 +25,7 @@ from e2e_support import (
 
 from multifd.demo.workload import fill
 from multifd.memory import RAMBlock
+from multifd.migration import source as source_module
 from multifd.migration.destination import MigrationDestination
 from multifd.migration.source import MigrationSource
 from multifd.wire import Configuration
@@ -151,9 +152,14 @@ def test_destination_channel_cut_by_the_network(
 
 
 @pytest.mark.parametrize("callback", ["save_state", "on_stop", "throttle"])
-def test_application_callback_raising(migration: Callable[..., Migration], callback: str) -> None:
+def test_application_callback_raising(
+    migration: Callable[..., Migration], monkeypatch: pytest.MonkeyPatch, callback: str
+) -> None:
     """An application callback that raises fails the migration with its error;
     nothing escapes into the process, and a stopped workload runs again."""
+    # Auto-converge steps once two dirty-sync periods (a second each) dirtied
+    # too much: shortened, so that the throttle comes soon.
+    monkeypatch.setattr(source_module, "DIRTY_RATE_PERIOD", 0.2)
     m = migration(
         capabilities={"auto-converge": True},
         parameters={"multifd-channels": 2, "downtime-limit": 0, **EAGER_TRACKER},
@@ -164,7 +170,7 @@ def test_application_callback_raising(migration: Callable[..., Migration], callb
         raise RuntimeError(f"{callback} is broken")
 
     def on_pass(n: int) -> None:
-        if not m.stopped and n <= 3:  # dirty enough to throttle, then converge
+        if not m.stopped and not m.throttles:  # dirty enough to throttle, then converge
             write_pages(m.src_blocks[0], EVERY_OTHER_PAGE)
 
     m.on_pass = on_pass

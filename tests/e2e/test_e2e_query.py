@@ -4,6 +4,7 @@ the hint when rounds stop shrinking, and auto-converge's throttle."""
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 from collections.abc import Callable
@@ -14,6 +15,7 @@ import pytest
 from e2e_support import FINISH_TIMEOUT, MiB, Migration, wait_until, write_pages
 
 from multifd.memory import TrackerBase
+from multifd.migration import source as source_module
 
 QEMU_KEYS = {"status", "total-time", "setup-time", "downtime", "ram"}
 RAM_KEYS = {
@@ -37,6 +39,14 @@ ALL_PAGES = range(2048)  # of an 8 MiB block
 # once. The kernel tracker starts each range as round 1 reaches it, so a page
 # written before round 1 read it is rightly not sent again.
 EAGER_TRACKER = {"x-dirty-tracker": "hash"}
+# Auto-converge weighs dirty-sync periods of at least a second, as QEMU's:
+# shortened for the tests that wait for its steps.
+SHORT_PERIOD = 0.2
+
+
+@pytest.fixture
+def short_dirty_period(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(source_module, "DIRTY_RATE_PERIOD", SHORT_PERIOD)
 
 
 def _check_channels(info: dict[str, Any], channels: int) -> None:
@@ -188,9 +198,11 @@ def test_not_converging_is_reported(migration: Callable[..., Migration]) -> None
     m.assert_completed()
 
 
-def test_auto_converge_throttles_until_it_converges(migration: Callable[..., Migration]) -> None:
+def test_auto_converge_throttles_until_it_converges(
+    migration: Callable[..., Migration], short_dirty_period: None
+) -> None:
     """The same writer, which obeys the throttle (it stops once throttled):
-    auto-converge throttles after two rounds dirtier than the threshold, the
+    auto-converge throttles after two periods dirtier than the threshold, the
     migration then converges, and the throttle is lifted at the end."""
     m = migration(
         capabilities={"auto-converge": True},
@@ -218,6 +230,51 @@ def test_auto_converge_throttles_until_it_converges(migration: Callable[..., Mig
     assert throttled and all(q["cpu-throttle-percentage"] == 30 for q in throttled)
     assert "cpu-throttle-percentage" not in src  # lifted
     assert src["ram"]["dirty-sync-count"] >= 4
+
+
+def test_auto_converge_steps_two_periods_apart_not_two_rounds(
+    migration: Callable[..., Migration], short_dirty_period: None
+) -> None:
+    """As QEMU's migration_trigger_throttle: the dirtied bytes are weighed
+    against the transferred ones once per dirty-sync period (at least
+    DIRTY_RATE_PERIOD, however many rounds it holds), and the throttle steps
+    at the second period over the threshold. Stepping every two rounds, short
+    ones here, would throttle the workload to the cap within a second."""
+    m = migration(
+        capabilities={"auto-converge": True},
+        parameters={
+            "multifd-channels": 2,
+            "downtime-limit": 0,
+            "cpu-throttle-initial": 10,
+            "cpu-throttle-increment": 10,
+            **EAGER_TRACKER,
+        },
+    )
+    steps: list[tuple[float, int]] = []
+    throttle = m.source._throttle
+    assert throttle is not None
+
+    def timed_throttle(percent: int) -> None:
+        steps.append((time.monotonic(), percent))
+        throttle(percent)
+
+    m.source._throttle = timed_throttle
+
+    def on_pass(n: int) -> None:
+        if len(m.throttles) < 3 and not m.stopped:
+            write_pages(m.src_blocks[0], ALL_PAGES)
+
+    m.on_pass = on_pass
+    started = time.monotonic()
+    src, _ = m.assert_completed()
+    assert m.throttles == [10, 20, 30, 0]
+    times = [started] + [t for t, _ in steps[:3]]
+    # A period lasts SHORT_PERIOD at least, and a step takes two of them
+    # (the first period starts after setup, later than `started`).
+    gaps = [later - earlier for earlier, later in itertools.pairwise(times)]
+    assert all(gap >= 2 * SHORT_PERIOD for gap in gaps), gaps
+    # Rounds went on meanwhile, several per step.
+    assert src["ram"]["dirty-sync-count"] > 6
 
 
 def test_downtime_limit_raised_mid_migration_lets_it_converge(
@@ -249,7 +306,7 @@ def test_downtime_limit_raised_mid_migration_lets_it_converge(
 
 @pytest.mark.parametrize("tailslow", [False, True])
 def test_tailslow_steps_only_as_far_as_needed(
-    migration: Callable[..., Migration], tailslow: bool
+    migration: Callable[..., Migration], short_dirty_period: None, tailslow: bool
 ) -> None:
     """A writer that stops once throttled twice. The second step is the whole
     increment, or with cpu-throttle-tailslow only what brings the dirty rate

@@ -75,8 +75,9 @@ FIRST_PING = 1
 # breaks first, this long is given to the return path to tell why.
 VERDICT_GRACE = 1.0
 # query-migrate's mbps and pages-per-second are measured over windows at least
-# this long (QEMU's BUFFER_DELAY), its dirty-pages-rate over periods of at least
-# a second between dirty syncs (as QEMU's migration_bitmap_sync).
+# this long (QEMU's BUFFER_DELAY); its dirty-pages-rate, and auto-converge's
+# check, over periods of at least a second between dirty syncs (as QEMU's
+# migration_bitmap_sync).
 RATE_WINDOW = 0.1
 DIRTY_RATE_PERIOD = 1.0
 
@@ -349,8 +350,12 @@ class MigrationSource(Endpoint):
         self._expected_downtime = self.settings.parameter("downtime-limit") / 1000
         # (start, bytes sent, pages sent) of the rate window under way.
         self._rate_window = (self._start_time, 0, 0)
-        # (start, pages dirtied since) of the dirty-pages-rate period under way.
-        self._dirty_period = (self._start_time, 0)
+        # (start, pages dirtied since, RAM transferred at its start) of the
+        # dirty-sync period under way.
+        self._dirty_period = (self._start_time, 0, 0)
+        # Periods that dirtied more than throttle-trigger-threshold allows,
+        # since the last throttle step (QEMU's dirty_rate_high_cnt).
+        self._high_dirty_periods = 0
         self._converging = True
         self._throttle_percent = 0
         self._round = 0
@@ -478,7 +483,7 @@ class MigrationSource(Endpoint):
         # window when setup is done.
         now = time.monotonic()
         self._rate_window = (now, self._bytes_sent(), 0)
-        self._dirty_period = (now, 0)
+        self._dirty_period = (now, 0, self._ram_transferred())
 
     def _open_return_path(self, connections: Connections) -> None:
         """Listen for the destination's answers, then ask it to open its end and
@@ -499,7 +504,6 @@ class MigrationSource(Endpoint):
         auto-converge parameters are read from self.settings at each round, as
         migrate-set-parameters may change them meanwhile."""
         previous_remaining: int | None = None
-        high_dirty_rounds = 0
         while True:
             self._round += 1
             started = time.monotonic()
@@ -521,7 +525,7 @@ class MigrationSource(Endpoint):
             dirty = [t.collect().indices() for t in trackers]
             dirty_pages = sum(len(d) for d in dirty)
             self.ram.dirty_sync_count += 1
-            self._update_dirty_rate(dirty_pages)
+            period = self._dirty_sync(dirty_pages)
             self.ram.remaining = dirty_pages * TARGET_PAGE_SIZE
             # Beyond sending what is left, a switchover pays a fixed cost (the
             # final sync and the device state; this round's sync stands for it)
@@ -540,18 +544,26 @@ class MigrationSource(Endpoint):
             if previous_remaining is not None:
                 self._converging = self.ram.remaining < previous_remaining
             previous_remaining = self.ram.remaining
-            if settings.capability("auto-converge"):
-                threshold = sent * self.settings.parameter("throttle-trigger-threshold") / 100
-                if self.ram.remaining > threshold:
-                    high_dirty_rounds += 1
-                if high_dirty_rounds >= 2:
-                    high_dirty_rounds = 0
-                    self._raise_throttle(self.ram.remaining, threshold)
+            if period is not None and settings.capability("auto-converge"):
+                self._trigger_throttle(*period)
             if self._cancel.is_set():
                 raise MigrationAborted
 
-    def _raise_throttle(self, dirty: int, threshold: float) -> None:
-        """`dirty` bytes were dirtied in a round that sent `threshold` bytes'
+    def _trigger_throttle(self, dirtied: int, transferred: int) -> None:
+        """A dirty-sync period dirtied `dirtied` bytes and sent `transferred`:
+        the second period (not necessarily in a row) to dirty more than
+        throttle-trigger-threshold % of what it sent raises the throttle
+        (QEMU's migration_trigger_throttle)."""
+        threshold = transferred * self.settings.parameter("throttle-trigger-threshold") // 100
+        if dirtied <= threshold:
+            return
+        self._high_dirty_periods += 1
+        if self._high_dirty_periods >= 2:
+            self._high_dirty_periods = 0
+            self._raise_throttle(dirtied, threshold)
+
+    def _raise_throttle(self, dirty: int, threshold: int) -> None:
+        """`dirty` bytes were dirtied in a period that sent `threshold` bytes'
         worth of throttle-trigger-threshold (QEMU's mig_throttle_guest_down)."""
         if self._throttle_percent == 0:
             percent = self.settings.parameter("cpu-throttle-initial")
@@ -777,18 +789,29 @@ class MigrationSource(Endpoint):
         self.ram.pages_per_second = int((pages - pages_before) / spent)
         self._rate_window = (now, sent, pages)
 
-    def _update_dirty_rate(self, dirtied: int) -> None:
-        """At a dirty sync that found `dirtied` pages: dirty-pages-rate over the
-        syncs of the last DIRTY_RATE_PERIOD or more, as QEMU's (a rate over one
-        short round would swing with every round)."""
+    def _dirty_sync(self, dirtied: int) -> tuple[int, int] | None:
+        """At a dirty sync that found `dirtied` pages: once the period has lasted
+        DIRTY_RATE_PERIOD or more, as QEMU's, dirty-pages-rate over it and
+        (bytes dirtied, RAM bytes transferred) in it for auto-converge; None
+        while it goes on. Per round, the rate would swing with every round,
+        and throttle steps two short rounds apart would slow the workload to
+        max-cpu-throttle within a second."""
         now = time.monotonic()
-        start, pages = self._dirty_period
+        start, pages, transferred_before = self._dirty_period
         pages += dirtied
         if now - start < DIRTY_RATE_PERIOD:
-            self._dirty_period = (start, pages)
-            return
+            self._dirty_period = (start, pages, transferred_before)
+            return None
+        transferred = self._ram_transferred()
         self.ram.dirty_pages_rate = int(pages / (now - start))
-        self._dirty_period = (now, 0)
+        self._dirty_period = (now, 0, transferred)
+        return pages * TARGET_PAGE_SIZE, transferred - transferred_before
+
+    def _ram_transferred(self) -> int:
+        """query-migrate's ram.transferred, which auto-converge weighs the
+        dirtied bytes against (QEMU's ram_counters.transferred)."""
+        multifd = sum(c.counted_bytes for c in self._sender.stats) if self._sender else 0
+        return self.ram.precopy_bytes + self.ram.downtime_bytes + multifd
 
     def _bytes_queued(self) -> int:
         """What the bandwidth limit counts: bytes written on main and handed to
