@@ -11,11 +11,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from e2e_support import MiB, Migration
+from e2e_support import MiB, Migration, wait_until
 
 from multifd.channels import URIError
 from multifd.memory import RAMBlock
 from multifd.migration.destination import MigrationDestination
+from multifd.migration.multifd_send import MultifdSender
 from multifd.migration.params import MigrationConfigError
 from multifd.migration.rate_limit import STEP_SECONDS, RateLimit
 from multifd.migration.source import MigrationSource
@@ -294,6 +295,42 @@ def test_rate_limit_follows_a_changed_limit_at_once() -> None:
     assert rate_limit.delay() == pytest.approx(0.05)
     limit[0] = 0
     assert rate_limit.delay() == 0.0
+
+
+def test_rate_limit_owes_no_time_lost_behind_it() -> None:
+    """Queuing that fell behind the limit (the link was slower meanwhile) is
+    not made up at full speed: as QEMU forgets each 100 ms window once past,
+    at most a step's worth is owed."""
+    now, queued = [0.0], [0]
+    rate_limit = RateLimit(lambda: 1000, lambda: queued[0], clock=lambda: now[0])
+    now[0] = 10.0  # nothing queued for 10 s
+    assert rate_limit.delay() == 0.0
+    queued[0] = 1000  # a second's worth at once
+    assert rate_limit.delay() == STEP_SECONDS
+    assert rate_limit.step_bytes() == 100
+
+
+def test_max_bandwidth_paces_every_window_not_only_the_average(
+    migration: Callable[..., Migration], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Between two waits the source queues no more than one step (100 ms) of
+    max-bandwidth allows, as QEMU counts bytes per 100 ms window: 4 MiB looked
+    at per step went out at 1 MiB/s as one burst, then nothing for 4 s."""
+    limit = 1 * MiB
+    m = migration(parameters={"multifd-channels": 2, "max-bandwidth": limit})
+    sends: list[int] = []
+    send = MultifdSender.send
+
+    def counted(self: MultifdSender, name: str, buffer: memoryview, pages: Any) -> int:
+        sends.append(len(pages))
+        return send(self, name, buffer, pages)
+
+    monkeypatch.setattr(MultifdSender, "send", counted)
+    m.start()
+    wait_until(lambda: len(sends) >= 3, what="three steps")
+    m.source.cancel()
+    assert m.source.query()["status"] == "cancelled"
+    assert max(sends) <= limit * STEP_SECONDS // 4096, sends
 
 
 def test_mismatched_settings_fail_the_migration(migration: Callable[..., Migration]) -> None:

@@ -42,4 +42,19 @@ class RateLimit:
         if not rate:
             return 0.0
         ahead = (self._queued() - self._base) / rate - (self._clock() - self._since)
+        if ahead < -STEP_SECONDS:
+            # Behind the limit for more than a step (the link or the channels
+            # were slower meanwhile): the time lost is not owed, or catching
+            # up would go at full speed for as long. QEMU likewise forgets
+            # every 100 ms window once it has passed.
+            self._restart(rate)
+            return 0.0
         return min(max(ahead, 0.0), STEP_SECONDS)
+
+    def step_bytes(self) -> int | None:
+        """What the limit allows in one step, None without a limit: queuing
+        no more between two waits keeps every window near the limit, not
+        only the average (a 4 MiB chunk at 1 MiB/s went in one burst, then
+        nothing for 4 s)."""
+        rate = self._limit()
+        return int(rate * STEP_SECONDS) if rate else None

@@ -713,10 +713,12 @@ class MigrationSource(Endpoint):
             else None
         )
         for tracker, pages in zip(trackers, dirty, strict=True):
-            for first in range(0, len(pages), CHUNK_PAGES):
+            first = 0
+            while first < len(pages):
                 if self._cancel.is_set() or self.state.error is not None:
                     raise MigrationAborted
-                chunk = pages[first : first + CHUNK_PAGES]
+                chunk = pages[first : first + self._chunk_pages(rate_limit)]
+                first += len(chunk)
                 low, high = int(chunk[0]), int(chunk[-1])
                 tracker.cover(low, high - low + 1)
                 # The block's memory, maybe through an alias: the same pages.
@@ -748,6 +750,15 @@ class MigrationSource(Endpoint):
                 # After the pause max-bandwidth asks for: a window holds the
                 # pages and the wait they cost, as QEMU's do.
                 self._update_rates()
+
+    @staticmethod
+    def _chunk_pages(rate_limit: RateLimit | None) -> int:
+        """Pages to look at in one step: CHUNK_PAGES, or what one step of
+        max-bandwidth allows if less (at least a page)."""
+        step = rate_limit.step_bytes() if rate_limit is not None else None
+        if step is None:
+            return CHUNK_PAGES
+        return max(1, min(CHUNK_PAGES, step // TARGET_PAGE_SIZE))
 
     def _send_on_main(self, name: str, buffer: memoryview, pages: np.ndarray) -> None:
         """Plain precopy: PAGE records, the block named on its first page only."""
