@@ -82,6 +82,17 @@ RATE_WINDOW = 0.1
 DIRTY_RATE_PERIOD = 1.0
 
 
+def _merge_pages(first: np.ndarray, second: np.ndarray, pages: int) -> np.ndarray:
+    """The pages (of a block of `pages`) in either, in increasing order. A
+    mask, not np.union1d: numpy's unique imports numpy.ma on first use, 20 to
+    60 ms the first switchover of a process would spend with the workload
+    stopped, unforeseen by the downtime estimate."""
+    mask = np.zeros(pages, dtype=bool)
+    mask[first] = True
+    mask[second] = True
+    return np.flatnonzero(mask)
+
+
 class MigrationSource(Endpoint):
     """Live-migrates `blocks` to a destination URI.
 
@@ -600,7 +611,10 @@ class MigrationSource(Endpoint):
                 # As QEMU's vm_stop: STOP once stopped, before the last dirty
                 # sync (its MIGRATION_PASS). The status stays active.
                 self._event("STOP", None)
-        dirty = [np.union1d(d, t.collect().indices()) for d, t in zip(dirty, trackers, strict=True)]
+        dirty = [
+            _merge_pages(d, t.collect().indices(), b.used_length // TARGET_PAGE_SIZE)
+            for d, t, b in zip(dirty, trackers, self.blocks, strict=True)
+        ]
         self.ram.dirty_sync_count += 1
         self.ram.remaining = sum(len(d) for d in dirty) * TARGET_PAGE_SIZE
         self._pass_event()
@@ -703,9 +717,9 @@ class MigrationSource(Endpoint):
     def _send_pages(self, trackers: list, dirty: list, *, paced: bool) -> None:
         """One round: zero pages as ZERO records on main, the others in packets
         (or PAGE records on main without multifd). `dirty` holds each block's
-        pages in strictly increasing order (an arange, a bitmap's flatnonzero
-        or a union1d): a chunk is a run exactly when it is as long as its span.
-        `paced` rounds keep to max-bandwidth (the one after the stop does not,
+        pages in strictly increasing order (an arange, or a bitmap's or a
+        mask's flatnonzero): a chunk is a run exactly when it is as long as
+        its span. `paced` rounds keep to max-bandwidth (the one after the stop does not,
         as in QEMU), read afresh at every chunk."""
         rate_limit = (
             RateLimit(lambda: self.settings.parameter("max-bandwidth"), self._bytes_queued)
