@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -18,6 +19,7 @@ from multifd.channels import (
     ChannelError,
     ChannelTimeoutError,
 )
+from multifd.channels.iovec import IOVec, buffer_address
 from multifd.wire import ByteSource, Reader, WireError
 
 PAGE = 4096
@@ -178,6 +180,33 @@ def test_write_timeout_when_the_peer_does_not_read(pair: tuple[Channel, Channel]
     writer.timeout = 0.05
     with pytest.raises(ChannelTimeoutError, match=r"channel 1: could not write for 0\.05 s"):
         writer.write_all(bytes(64 << 20))
+
+
+@pytest.mark.parametrize("lent", [False, True])
+def test_a_stalled_peer_fails_a_write_after_one_timeout_not_two(lent: bool) -> None:
+    """The kernel's send timeout ends a sendmsg (or splice) that copied part
+    of its bytes with that part: looping on it waited a second timeout (or
+    more) before the error that says "could not write for T s". A call that
+    waited the whole timeout while the peer took nothing is the timeout.
+    (Over TCP the peer's kernel acknowledges what fits its receive buffer
+    after the call began: that counts as progress, so up to two timeouts.)"""
+    timeout = 0.4
+    a, b = socket.socketpair(socket.AF_UNIX)
+    ram = np.zeros(64 << 20, dtype=np.uint8)
+    with Channel(a, "channel 2", timeout=timeout) as writer, Channel(b, "channel 2"):
+        started = time.monotonic()
+        with pytest.raises(ChannelTimeoutError, match=r"channel 2: could not write for 0\.4 s"):
+            if lent:
+                iov = IOVec(len(ram) // PAGE)
+                offsets = np.arange(0, len(ram), PAGE, dtype=np.uint64)
+                iov.set_pages(buffer_address(ram), offsets, PAGE)
+                writer.write_lent(iov)
+            else:
+                writer.write_all(ram)
+        elapsed = time.monotonic() - started
+        assert timeout <= elapsed < 1.5 * timeout, elapsed
+        # What went out before the stall is counted: the error's offset is right.
+        assert writer.bytes_written > 0
 
 
 def test_write_to_a_closed_peer_names_the_channel_and_the_os_error(

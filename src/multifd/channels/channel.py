@@ -388,9 +388,33 @@ class Channel:
             if self._session is not None:
                 # SSLSocket has no sendmsg; each buffer becomes TLS records of its own.
                 return self._session.send(views[0])
-            return self._sock.sendmsg(views[:IOV_MAX])
+            batch = views[:IOV_MAX]
+            if not self._timeout:
+                return self._sock.sendmsg(batch)
+            return self._timed_write(lambda: self._sock.sendmsg(batch), sum(map(len, batch)))
         except OSError as exc:
             raise self._write_error(exc) from _cause(exc)
+
+    def _timed_write(self, call: Callable[[], int], size: int) -> int:
+        """A sendmsg or splice of `size` bytes under the socket's send timeout.
+        The kernel ends a call that copied part of its bytes when the timeout
+        expires, with that part: looping on it would wait a whole timeout more
+        (or several) before the error saying "could not write for T s". A call
+        that lasted the timeout while the peer took nothing of what was queued
+        (SIOCOUTQ: sent but not acknowledged, or not read on a unix socket) is
+        that timeout; one during which it took some is a slow peer, and goes on."""
+        queued = unsent_bytes(self._fd)
+        started = time.monotonic()
+        n = call()
+        if n < size and time.monotonic() - started >= self._timeout:
+            try:
+                stalled = unsent_bytes(self._fd) >= queued + n
+            except OSError:
+                stalled = False  # a broken socket: the next call says how
+            if stalled:
+                self.bytes_written += n  # out: the error's offset counts it
+                raise TimeoutError(errno.ETIMEDOUT, os.strerror(errno.ETIMEDOUT))
+        return n
 
     @property
     def can_lend(self) -> bool:
@@ -458,7 +482,11 @@ class Channel:
 
     def _drain(self, pipe: SplicePipe) -> None:
         while pipe.queued:
-            self.bytes_written += pipe.drain_some(self._fd)
+            if self._timeout:
+                n = self._timed_write(lambda: pipe.drain_some(self._fd), pipe.queued)
+            else:
+                n = pipe.drain_some(self._fd)
+            self.bytes_written += n
 
     def _drop_splice(self) -> None:
         # What a failed write left in the pipe can never go out in order; a
