@@ -100,6 +100,10 @@ def test_ram_bytes_are_counted_as_qemu_counts_them(
     transfer_ms = src["total-time"] - src["setup-time"]
     if transfer_ms > 0:
         assert ram["mbps"] == round(sent * 8 / transfer_ms / 1000, 3)
+    # The destination's: what arrived over its own total time.
+    if dst["x-total-time"] > 0:
+        expected = round(ram["transferred"] * 8 / dst["x-total-time"] / 1000, 3)
+        assert dst["x-ram"]["mbps"] == expected > 0
 
 
 def test_rates_are_measured_within_the_first_round(migration: Callable[..., Migration]) -> None:

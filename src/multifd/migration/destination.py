@@ -211,7 +211,8 @@ class MigrationDestination(Endpoint):
         if status is MigrationStatus.FAILED and self.state.error:
             info["error-desc"] = self.state.error
         end = self._end_time or time.monotonic()
-        info["x-total-time"] = int((end - self._start_time) * 1000)
+        total_ms = int((end - self._start_time) * 1000)
+        info["x-total-time"] = total_ms
         if self._downtime is not None:
             # From the source's stop to our resume, both clocks on this host.
             info["x-downtime"] = int(self._downtime * 1000)
@@ -224,6 +225,11 @@ class MigrationDestination(Endpoint):
         repeated = self._receiver.repeated if self._receiver is not None else self._repeated
         ram["normal"] += sum(c.pages for c in stats) - repeated
         ram["normal-bytes"] = ram["normal"] * TARGET_PAGE_SIZE
+        # What arrived over the time here, so that an incoming daemon's
+        # summary shows a throughput; the other rates and the sync count are
+        # the source's to know, and stay 0.
+        if total_ms > 0:
+            ram["mbps"] = round(ram["transferred"] * 8 / total_ms / 1000, 3)
         info["x-ram"] = ram
         # In the words of QEMU's source (xbzrle-cache, compression), when there were any.
         if self._xbzrle_pages:
