@@ -110,6 +110,18 @@ class Relay:
         while data := client.recv(1 << 16):
             server.sendall(data)
 
+    def sever(self, choose: Callable[[list[tuple[socket.socket, socket.socket]]], int]) -> bool:
+        """Cut one forwarded connection, both ways, as a broken network would;
+        `choose` picks it from the (client, server) pairs. False if none yet."""
+        sockets = list(self.sockets)  # the accept thread appends a pair at a time
+        pairs = list(zip(sockets[::2], sockets[1::2], strict=True))
+        if not pairs:
+            return False
+        for sock in pairs[choose(pairs)]:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+        return True
+
     def close(self) -> None:
         # Shutting the listening socket down is what wakes a blocked accept().
         self.sock.shutdown(socket.SHUT_RDWR)

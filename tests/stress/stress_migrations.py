@@ -19,11 +19,9 @@ from __future__ import annotations
 
 import argparse
 import collections
-import contextlib
 import hashlib
 import os
 import random
-import socket
 import sys
 import tempfile
 import threading
@@ -33,8 +31,11 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
+# The fault relay (tests/faults) and what it imports (tests/e2e).
+sys.path[1:1] = [str(HERE.parent / "faults"), str(HERE.parent / "e2e")]
 
 import numpy as np  # noqa: E402
+from relay import Relay  # noqa: E402
 
 from leakcheck import leaks, open_fds  # noqa: E402
 from multifd.demo.workload import Workload, fill  # noqa: E402
@@ -54,77 +55,6 @@ def rss_kib() -> int:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1])
     return 0
-
-
-class KillRelay:
-    """Forwards every tcp connection to `target`; `sever()` cuts one of them."""
-
-    def __init__(self, target: str) -> None:
-        host, port = target.removeprefix("tcp:").rsplit(":", 1)
-        self.target = (host, int(port))
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.uri = f"tcp:127.0.0.1:{self.sock.getsockname()[1]}"
-        self.pairs: list[tuple[socket.socket, socket.socket]] = []
-        self.lock = threading.Lock()
-        self.threads = [threading.Thread(target=self._accept, name="relay-accept")]
-        self.threads[0].start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self.sock.accept()
-            except OSError:
-                return
-            try:
-                server = socket.create_connection(self.target, timeout=5)
-                server.settimeout(None)
-            except OSError:
-                client.close()
-                continue
-            with self.lock:
-                self.pairs.append((client, server))
-            for a, b in ((client, server), (server, client)):
-                t = threading.Thread(target=self._copy, args=(a, b), name="relay")
-                self.threads.append(t)
-                t.start()
-
-    @staticmethod
-    def _copy(a: socket.socket, b: socket.socket) -> None:
-        try:
-            while data := a.recv(1 << 16):
-                b.sendall(data)
-            b.shutdown(socket.SHUT_WR)
-        except OSError:
-            for s in (a, b):
-                with contextlib.suppress(OSError):
-                    s.shutdown(socket.SHUT_RDWR)
-
-    def sever(self, rng: random.Random) -> bool:
-        with self.lock:
-            if not self.pairs:
-                return False
-            client, server = rng.choice(self.pairs)
-        for s in (client, server):
-            with contextlib.suppress(OSError):
-                s.shutdown(socket.SHUT_RDWR)
-        return True
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError):
-            self.sock.shutdown(socket.SHUT_RDWR)
-        self.sock.close()
-        with self.lock:
-            pairs = list(self.pairs)
-        for c, s in pairs:
-            for x in (c, s):
-                with contextlib.suppress(OSError):
-                    x.shutdown(socket.SHUT_RDWR)
-        for t in self.threads:
-            t.join(10)
-            assert not t.is_alive(), "relay thread hung"
-        for c, s in pairs:
-            c.close()
-            s.close()
 
 
 class Harness:
@@ -304,7 +234,8 @@ def iteration(h: Harness, rng: random.Random, notes: collections.Counter) -> str
     h.label = label
     h.configure(channels, return_path, tls)
     uri = h.incoming(transport)
-    relay = KillRelay(uri) if action == "sever" else None
+    # A relay that corrupts nothing: it only forwards, until `sever` cuts one connection.
+    relay = Relay(uri, lambda header, payload: None) if action == "sever" else None
     try:
         h.source.migrate(relay.uri if relay else uri)
         time.sleep(delay)
@@ -313,7 +244,7 @@ def iteration(h: Harness, rng: random.Random, notes: collections.Counter) -> str
         elif action == "cancel-dst":
             h.destination.cancel()
         elif action == "sever":
-            if not relay.sever(rng):
+            if not relay.sever(lambda pairs: rng.randrange(len(pairs))):
                 notes["sever-too-early"] += 1
         elif action == "close-listener":
             listener = h.destination._listener
