@@ -198,22 +198,35 @@ def test_not_converging_is_reported(migration: Callable[..., Migration]) -> None
     m.assert_completed()
 
 
+def _auto_converging(
+    migration: Callable[..., Migration],
+    *,
+    initial: int,
+    increment: int,
+    parameters: dict[str, Any] | None = None,
+) -> Migration:
+    """A migration with auto-converge on that never converges by itself
+    (downtime-limit 0): only the throttle can end it."""
+    return migration(
+        capabilities={"auto-converge": True},
+        parameters={
+            "multifd-channels": 2,
+            "downtime-limit": 0,
+            "cpu-throttle-initial": initial,
+            "cpu-throttle-increment": increment,
+            **(parameters or {}),
+            **EAGER_TRACKER,
+        },
+    )
+
+
 def test_auto_converge_throttles_until_it_converges(
     migration: Callable[..., Migration], short_dirty_period: None
 ) -> None:
     """The same writer, which obeys the throttle (it stops once throttled):
     auto-converge throttles after two periods dirtier than the threshold, the
     migration then converges, and the throttle is lifted at the end."""
-    m = migration(
-        capabilities={"auto-converge": True},
-        parameters={
-            "multifd-channels": 2,
-            "downtime-limit": 0,
-            "cpu-throttle-initial": 30,
-            "cpu-throttle-increment": 15,
-            **EAGER_TRACKER,
-        },
-    )
+    m = _auto_converging(migration, initial=30, increment=15)
     seen: list[dict[str, Any]] = []
 
     def on_pass(n: int) -> None:
@@ -240,16 +253,7 @@ def test_auto_converge_steps_two_periods_apart_not_two_rounds(
     DIRTY_RATE_PERIOD, however many rounds it holds), and the throttle steps
     at the second period over the threshold. Stepping every two rounds, short
     ones here, would throttle the workload to the cap within a second."""
-    m = migration(
-        capabilities={"auto-converge": True},
-        parameters={
-            "multifd-channels": 2,
-            "downtime-limit": 0,
-            "cpu-throttle-initial": 10,
-            "cpu-throttle-increment": 10,
-            **EAGER_TRACKER,
-        },
-    )
+    m = _auto_converging(migration, initial=10, increment=10)
     steps: list[tuple[float, int]] = []
     throttle = m.source._throttle
     assert throttle is not None
@@ -312,16 +316,8 @@ def test_tailslow_steps_only_as_far_as_needed(
     increment, or with cpu-throttle-tailslow only what brings the dirty rate
     to the threshold: all pages dirtied against a threshold of half of them
     sent asks for about half the CPU the workload still has (QEMU's rule)."""
-    m = migration(
-        capabilities={"auto-converge": True},
-        parameters={
-            "multifd-channels": 2,
-            "downtime-limit": 0,
-            "cpu-throttle-initial": 30,
-            "cpu-throttle-increment": 60,
-            "cpu-throttle-tailslow": tailslow,
-            **EAGER_TRACKER,
-        },
+    m = _auto_converging(
+        migration, initial=30, increment=60, parameters={"cpu-throttle-tailslow": tailslow}
     )
 
     def on_pass(n: int) -> None:
